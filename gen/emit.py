@@ -1,0 +1,117 @@
+"""Render the C trainer from the templates.
+
+Python computes every size, name and offset here; the templates only print them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jinja2
+
+from . import __version__
+from .fileio import write_atomic
+from .spec import Spec
+from .tensors import ACTS, PARAMS, num_params
+
+# Symbolic dimension -> C expression, for sizes that depend on B and T at run time.
+C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNELS",
+          "3C": "3 * CHANNELS", "4C": "4 * CHANNELS", "Vp": "PADDED_VOCAB_SIZE", "maxT": "MAX_SEQ_LEN"}
+
+# The layer templates under templates/layers/, in the order they appear in the file.
+LAYERS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier")
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("llmgen", "templates"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def origin(spec: Spec) -> str:
+    """Where the spec came from, for the generated-file header: no absolute paths."""
+    source = spec.source
+    if source.startswith("preset "):
+        return source
+    head, sep, rest = source.partition(" with ")
+    return f"spec file {Path(head).name}{sep}{rest}"
+
+
+def _c_float(x: float) -> str:
+    s = f"{x:.9g}"
+    return (s if "." in s or "e" in s else s + ".0") + "f"
+
+
+def _pad(names: list[str]) -> list[int]:
+    width = max(len(n) for n in names)
+    return [width - len(n) for n in names]
+
+
+def _act_size_expr(shape: tuple[str, ...]) -> str:
+    """A C expression for the number of floats, e.g. (size_t)NUM_LAYERS * B * T * CHANNELS."""
+    return "(size_t)" + " * ".join(C_DIMS[d] for d in shape)
+
+
+def context(spec: Spec) -> dict:
+    dims = spec.dims
+    L = spec.n_layer
+    params = []
+    for t, pad, spad in zip(PARAMS, _pad([t.name for t in PARAMS]),
+                            _pad([str(t.numel(dims)) for t in PARAMS])):
+        std = {"normal": 0.02, "residual": 0.02 / math.sqrt(2 * L), "ones": -1.0, "zeros": 0.0}[t.init]
+        params.append({"name": t.name, "shape": t.shape_comment(), "doc": t.doc, "pad": pad,
+                       "size": t.numel(dims), "size_pad": spad, "decay": int(t.decay),
+                       "init_std": _c_float(std), "ref": f"&p->{t.name}"})
+    for p, pad in zip(params, _pad([p["init_std"] for p in params])):
+        p["init_pad"] = pad
+    acts = []
+    exprs = [_act_size_expr(a.shape) for a in ACTS]
+    for a, pad, expr, epad in zip(ACTS, _pad([a.name for a in ACTS]), exprs, _pad(exprs)):
+        acts.append({"name": a.name, "shape": a.shape_comment(), "doc": a.doc, "pad": pad,
+                     "size_expr": expr, "size_pad": epad, "ref": f"&a->{a.name}"})
+    constants = [
+        ("NUM_LAYERS", spec.n_layer, "L: transformer blocks"),
+        ("NUM_HEADS", spec.n_head, "NH: attention heads"),
+        ("CHANNELS", spec.n_embd, "C: embedding channels"),
+        ("HEAD_SIZE", spec.head_size, "HS = C / NH"),
+        ("VOCAB_SIZE", spec.vocab_size, "V: real vocabulary"),
+        ("PADDED_VOCAB_SIZE", spec.padded_vocab_size, "Vp: vocabulary padded for speed; rows past V are unused"),
+        ("MAX_SEQ_LEN", spec.max_seq_len, "maxT: longest sequence"),
+    ]
+    cpad = _pad([f"{n} {v}" for n, v, _ in constants])
+    return {
+        "version": __version__,
+        "origin": origin(spec),
+        "spec": spec,
+        "n_params": num_params(dims),
+        "params": params,
+        "acts": acts,
+        "constants": [{"name": n, "value": v, "doc": d, "pad": p} for (n, v, d), p in zip(constants, cpad)],
+        "layers": LAYERS,
+        "eot_token": spec.vocab_size - 1,
+    }
+
+
+def render(spec: Spec) -> dict[str, str]:
+    """The emitted files, by name."""
+    env = _env()
+    ctx = context(spec)
+    return {name: env.get_template(name + ".j2").render(ctx)
+            for name in ("train_gpt2.c", "test_gpt2.c", "Makefile")}
+
+
+def emit(spec: Spec, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    written = []
+    for name, text in render(spec).items():
+        path = out_dir / name
+        if not path.exists() or path.read_text() != text:
+            write_atomic(path, [text.encode()])
+        written.append(path)
+    return written

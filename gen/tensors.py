@@ -1,0 +1,91 @@
+"""The one canonical list of GPT-2 tensors.
+
+PARAMS is in llm.c's checkpoint order. It drives the C struct and pointer table, the
+checkpoint reader and writer, the random init, weight decay, and the NumPy reference.
+ACTS is the activation list of the C program, in the order of its one activation buffer.
+Shapes are tuples of symbolic dimension names (see Spec.dims, plus B and T for activations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[str, ...]
+    doc: str
+    init: str = ""      # params only: "normal", "residual" (scaled by 1/sqrt(2L)), "ones", "zeros"
+    decay: bool = False  # params only: AdamW weight decay applies (the 2-D weight matrices)
+
+    def sizes(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(dims[d] for d in self.shape)
+
+    def numel(self, dims: dict[str, int]) -> int:
+        return int(np.prod(self.sizes(dims), dtype=np.int64))
+
+    def shape_comment(self) -> str:
+        return "(" + ",".join(self.shape) + ")"
+
+
+P = Tensor
+PARAMS: tuple[Tensor, ...] = (
+    P("wte", ("Vp", "C"), "token embedding; also the output classifier (tied)", "normal", True),
+    P("wpe", ("maxT", "C"), "position embedding", "normal", True),
+    P("ln1w", ("L", "C"), "layernorm 1 scale", "ones"),
+    P("ln1b", ("L", "C"), "layernorm 1 shift", "zeros"),
+    P("qkvw", ("L", "3C", "C"), "attention q,k,v projection weight", "normal", True),
+    P("qkvb", ("L", "3C"), "attention q,k,v projection bias", "zeros"),
+    P("attprojw", ("L", "C", "C"), "attention output projection weight", "residual", True),
+    P("attprojb", ("L", "C"), "attention output projection bias", "zeros"),
+    P("ln2w", ("L", "C"), "layernorm 2 scale", "ones"),
+    P("ln2b", ("L", "C"), "layernorm 2 shift", "zeros"),
+    P("fcw", ("L", "4C", "C"), "MLP up projection weight", "normal", True),
+    P("fcb", ("L", "4C"), "MLP up projection bias", "zeros"),
+    P("fcprojw", ("L", "C", "4C"), "MLP down projection weight", "residual", True),
+    P("fcprojb", ("L", "C"), "MLP down projection bias", "zeros"),
+    P("lnfw", ("C",), "final layernorm scale", "ones"),
+    P("lnfb", ("C",), "final layernorm shift", "zeros"),
+)
+
+A = Tensor
+ACTS: tuple[Tensor, ...] = (
+    A("encoded", ("B", "T", "C"), "token + position embedding"),
+    A("ln1", ("L", "B", "T", "C"), "layernorm 1 output"),
+    A("ln1_mean", ("L", "B", "T"), "layernorm 1 mean"),
+    A("ln1_rstd", ("L", "B", "T"), "layernorm 1 reciprocal standard deviation"),
+    A("qkv", ("L", "B", "T", "3C"), "q, k, v for every position"),
+    A("atty", ("L", "B", "T", "C"), "attention output, heads concatenated"),
+    A("preatt", ("L", "B", "NH", "T", "T"), "attention scores before softmax"),
+    A("att", ("L", "B", "NH", "T", "T"), "attention weights after softmax"),
+    A("attproj", ("L", "B", "T", "C"), "attention output projection"),
+    A("residual2", ("L", "B", "T", "C"), "residual stream after attention"),
+    A("ln2", ("L", "B", "T", "C"), "layernorm 2 output"),
+    A("ln2_mean", ("L", "B", "T"), "layernorm 2 mean"),
+    A("ln2_rstd", ("L", "B", "T"), "layernorm 2 reciprocal standard deviation"),
+    A("fch", ("L", "B", "T", "4C"), "MLP hidden pre-activation"),
+    A("fch_gelu", ("L", "B", "T", "4C"), "MLP hidden after GELU"),
+    A("fcproj", ("L", "B", "T", "C"), "MLP output projection"),
+    A("residual3", ("L", "B", "T", "C"), "residual stream after the MLP"),
+    A("lnf", ("B", "T", "C"), "final layernorm output"),
+    A("lnf_mean", ("B", "T"), "final layernorm mean"),
+    A("lnf_rstd", ("B", "T"), "final layernorm reciprocal standard deviation"),
+    A("logits", ("B", "T", "Vp"), "classifier logits"),
+    A("probs", ("B", "T", "Vp"), "softmax of the logits"),
+    A("losses", ("B", "T"), "cross-entropy loss at each position"),
+)
+
+
+def param_sizes(dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    return {t.name: t.sizes(dims) for t in PARAMS}
+
+
+def num_params(dims: dict[str, int]) -> int:
+    return sum(t.numel(dims) for t in PARAMS)
+
+
+def num_acts(dims: dict[str, int]) -> int:
+    return sum(t.numel(dims) for t in ACTS)

@@ -1,0 +1,164 @@
+"""Compare the emitted C trainer with the NumPy reference on the same model and data.
+
+The C side is test_gpt2.c (the trainer included with TESTING defined); the reference
+runs in float64 on the same float32 parameters. Errors are normwise:
+max |c - ref| / max |ref| over a tensor, so a tensor is judged by its largest values.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import reference as ref
+from .emit import emit
+from .errors import LlmgenError
+from .fileio import write_model, write_shard
+from .spec import Spec
+from .tensors import PARAMS, param_sizes
+
+# Tolerances for float32 C against the float64 reference.
+TOL_FORWARD = 1e-4     # logits, loss
+TOL_GRAD = 1e-3        # parameter gradients after one backward
+TOL_TRAIN = 1e-3       # losses, norms and parameters after the AdamW steps
+
+
+@dataclass
+class Row:
+    name: str
+    error: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.error)) and self.error <= self.tol
+
+
+def rel_error(c: np.ndarray, r: np.ndarray) -> float:
+    c, r = np.asarray(c, np.float64), np.asarray(r, np.float64)
+    scale = np.max(np.abs(r)) if r.size else 0.0
+    return float(np.max(np.abs(c - r)) / max(scale, 1e-30)) if r.size else 0.0
+
+
+def verify_params(spec: Spec, seed: int) -> dict[str, np.ndarray]:
+    """A random model with every tensor perturbed, so that no layernorm is the identity."""
+    params = ref.init_params(spec, seed=seed, dtype=np.float32)
+    rng = np.random.default_rng(seed + 1)
+    for t in PARAMS:
+        params[t.name] = (params[t.name] + rng.normal(0, 0.05, params[t.name].shape)).astype(np.float32)
+    return params
+
+
+def build(spec: Spec, out_dir: Path, cc: str = "gcc") -> Path:
+    emit(spec, out_dir)
+    result = subprocess.run(["make", "-s", "test_gpt2", f"CC={cc}"], cwd=out_dir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LlmgenError(f"{out_dir}: building test_gpt2 failed:\n{result.stdout}{result.stderr}")
+    return out_dir / "test_gpt2"
+
+
+def run_c(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, steps: int, accum: int,
+          hp: dict, threads: int) -> dict[str, np.ndarray]:
+    model_path, tokens_path, out_path = work / "model.bin", work / "tokens.bin", work / "out.bin"
+    write_model(model_path, spec, params)
+    write_shard(tokens_path, tokens)
+    args = [str(exe), str(model_path), str(tokens_path), str(B), str(T), str(steps), str(accum),
+            repr(hp["lr"]), str(hp["warmup"]), repr(hp["final_frac"]), repr(hp["weight_decay"]),
+            repr(hp["grad_clip"]), str(out_path)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    result = subprocess.run(args, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise LlmgenError(f"{exe} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
+    out = np.fromfile(out_path, dtype="<f4")
+    sizes = param_sizes(spec.dims)
+    n = sum(int(np.prod(s)) for s in sizes.values())
+    parts, off = {}, 0
+
+    def take(name, count, shape=None):
+        nonlocal off
+        a = out[off:off + count]
+        off += count
+        parts[name] = a.reshape(shape) if shape else a
+
+    take("logits", B * T * spec.padded_vocab_size, (B, T, spec.padded_vocab_size))
+    take("loss", 1)
+    take("grads", n)
+    take("train", 2 * steps, (steps, 2))
+    take("params", n)
+    if off != out.size:
+        raise LlmgenError(f"{out_path}: harness wrote {out.size} floats, expected {off}")
+    return parts
+
+
+def split(flat: np.ndarray, spec: Spec) -> dict[str, np.ndarray]:
+    out, off = {}, 0
+    for name, shape in param_sizes(spec.dims).items():
+        k = int(np.prod(shape))
+        out[name] = flat[off:off + k].reshape(shape)
+        off += k
+    return out
+
+
+def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum: int = 2,
+           seed: int = 0, build_dir: str | Path | None = None, threads: int = 2, cc: str = "gcc") -> list[Row]:
+    T = T or min(spec.max_seq_len, 16)
+    if T > spec.max_seq_len:
+        raise LlmgenError(f"-t {T} is larger than the spec's max_seq_len {spec.max_seq_len}")
+    build_dir = Path(build_dir or Path("build") / f"verify-{spec.name}")
+    exe = build(spec, build_dir, cc)
+    params = verify_params(spec, seed)
+    rng = np.random.default_rng(seed + 2)
+    n_tokens = steps * accum * B * T + 1
+    tokens = rng.integers(0, spec.vocab_size, n_tokens)
+    hp = {"lr": 1e-3, "warmup": 2, "final_frac": 0.1, "weight_decay": 0.1, "grad_clip": 1.0}
+    c = run_c(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads)
+
+    # the reference, in float64, on the same parameters and batches
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    batches = [(tokens[i * B * T:(i + 1) * B * T].reshape(B, T), tokens[i * B * T + 1:(i + 1) * B * T + 1].reshape(B, T))
+               for i in range(steps * accum)]
+    logits, loss, cache = ref.forward(spec, p64, *batches[0])
+    grads = ref.backward(spec, p64, cache)
+    rows = [Row("logits", rel_error(c["logits"], logits), TOL_FORWARD),
+            Row("loss", rel_error(c["loss"], [loss]), TOL_FORWARD)]
+    cgrads = split(c["grads"], spec)
+    rows += [Row(f"grad {t.name}", rel_error(cgrads[t.name], grads[t.name]), TOL_GRAD) for t in PARAMS]
+
+    m = {k: np.zeros_like(v) for k, v in p64.items()}
+    v = {k: np.zeros_like(v) for k, v in p64.items()}
+    losses, norms = [], []
+    for step in range(steps):
+        lr = ref.lr_at(step, steps, hp["lr"], hp["warmup"], hp["final_frac"])
+        loss_s, norm_s = ref.train_step(spec, p64, m, v, step + 1, batches[step * accum:(step + 1) * accum],
+                                        lr, hp["weight_decay"], hp["grad_clip"])
+        losses.append(loss_s)
+        norms.append(norm_s)
+    rows.append(Row(f"losses ({steps} steps)", rel_error(c["train"][:, 0], losses), TOL_TRAIN))
+    rows.append(Row(f"grad norms ({steps} steps)", rel_error(c["train"][:, 1], norms), TOL_TRAIN))
+    cparams = split(c["params"], spec)
+    C = spec.n_embd
+    for t in PARAMS:
+        cp, rp = cparams[t.name], p64[t.name]
+        name = f"param {t.name} after {steps} steps"
+        if t.name == "qkvb":
+            # The key bias's gradient is exactly zero (softmax ignores a shift shared by a
+            # row of scores), so AdamW turns float rounding noise into updates there.
+            cp, rp = np.delete(cp, np.s_[C:2 * C], axis=-1), np.delete(rp, np.s_[C:2 * C], axis=-1)
+            name += " (key bias excluded)"
+        rows.append(Row(name, rel_error(cp, rp), TOL_TRAIN))
+    return rows
+
+
+def format_table(spec: Spec, rows: list[Row], B: int, T: int) -> str:
+    width = max(len(r.name) for r in rows)
+    lines = [f"verify {spec.name} (B={B}, T={T}): emitted C (float32) against the NumPy reference (float64)",
+             f"{'tensor'.ljust(width)}  max rel err  tolerance  result", "-" * (width + 33)]
+    for r in rows:
+        lines.append(f"{r.name.ljust(width)}  {r.error:11.3e}  {r.tol:9.0e}  {'ok' if r.ok else 'FAIL'}")
+    bad = [r for r in rows if not r.ok]
+    lines.append(f"{len(bad)} of {len(rows)} outside tolerance" if bad else f"all {len(rows)} within tolerance")
+    return "\n".join(lines)
