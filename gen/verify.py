@@ -21,10 +21,14 @@ from .fileio import write_model, write_shard
 from .spec import Spec
 from .tensors import PARAMS, param_sizes
 
-# Tolerances for float32 C against the float64 reference.
-TOL_FORWARD = 1e-4     # logits, loss
-TOL_GRAD = 1e-3        # parameter gradients after one backward
-TOL_TRAIN = 1e-3       # losses, norms and parameters after the AdamW steps
+# Tolerances for float32 C against the float64 reference. Seen on gpt2-124m sizes with
+# 2 layers: about 1e-6 forward, 7e-6 for gradients, 3e-7 for losses and norms, and 5e-4
+# for parameters after a few AdamW steps (which turn rounding noise in tiny gradients
+# into updates of size lr).
+TOL_FORWARD = 2e-5     # logits, loss
+TOL_GRAD = 1e-4        # parameter gradients after one backward
+TOL_CURVE = 1e-5       # the losses and gradient norms of the AdamW steps
+TOL_PARAMS = 2e-3      # the parameters after the AdamW steps
 
 
 @dataclass
@@ -114,15 +118,17 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
     rng = np.random.default_rng(seed + 2)
     n_tokens = steps * accum * B * T + 1
     tokens = rng.integers(0, spec.vocab_size, n_tokens)
-    hp = {"lr": 1e-3, "warmup": 2, "final_frac": 0.1, "weight_decay": 0.1, "grad_clip": 1.0}
-    c = run_c(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads)
-
     # the reference, in float64, on the same parameters and batches
     p64 = {k: v.astype(np.float64) for k, v in params.items()}
     batches = [(tokens[i * B * T:(i + 1) * B * T].reshape(B, T), tokens[i * B * T + 1:(i + 1) * B * T + 1].reshape(B, T))
                for i in range(steps * accum)]
     logits, loss, cache = ref.forward(spec, p64, *batches[0])
     grads = ref.backward(spec, p64, cache)
+
+    # a warmup, a cosine decay, weight decay, and a clip that acts on the first steps
+    hp = {"lr": 1e-3, "warmup": 2, "final_frac": 0.1, "weight_decay": 0.1,
+          "grad_clip": float(np.float32(0.5 * ref.grad_norm(grads)))}
+    c = run_c(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads)
     rows = [Row("logits", rel_error(c["logits"], logits), TOL_FORWARD),
             Row("loss", rel_error(c["loss"], [loss]), TOL_FORWARD)]
     cgrads = split(c["grads"], spec)
@@ -137,8 +143,8 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
                                         lr, hp["weight_decay"], hp["grad_clip"])
         losses.append(loss_s)
         norms.append(norm_s)
-    rows.append(Row(f"losses ({steps} steps)", rel_error(c["train"][:, 0], losses), TOL_TRAIN))
-    rows.append(Row(f"grad norms ({steps} steps)", rel_error(c["train"][:, 1], norms), TOL_TRAIN))
+    rows.append(Row(f"losses ({steps} steps)", rel_error(c["train"][:, 0], losses), TOL_CURVE))
+    rows.append(Row(f"grad norms ({steps} steps)", rel_error(c["train"][:, 1], norms), TOL_CURVE))
     cparams = split(c["params"], spec)
     C = spec.n_embd
     for t in PARAMS:
@@ -149,7 +155,7 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
             # row of scores), so AdamW turns float rounding noise into updates there.
             cp, rp = np.delete(cp, np.s_[C:2 * C], axis=-1), np.delete(rp, np.s_[C:2 * C], axis=-1)
             name += " (key bias excluded)"
-        rows.append(Row(name, rel_error(cp, rp), TOL_TRAIN))
+        rows.append(Row(name, rel_error(cp, rp), TOL_PARAMS))
     return rows
 
 

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmgen import spec as specs
+from llmgen.emit import emit
+from llmgen.fileio import write_shard
+from llmgen.synthetic import markov_tokens
+
+
+def llmgen(*args, cwd=None):
+    """Run the llmgen command line; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "llmgen", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def make(directory, target="train_gpt2", **variables):
+    extra = [f"{k}={v}" for k, v in variables.items()]
+    subprocess.run(["make", "-s", target, *extra], cwd=directory, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_trainer(tmp_path_factory) -> Path:
+    """The emitted and built trainer for the test-tiny preset."""
+    out = tmp_path_factory.mktemp("test-tiny")
+    emit(specs.load("test-tiny"), out)
+    make(out)
+    return out / "train_gpt2"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Markov-chain shards for vocab 64: two train shards and one val shard."""
+    out = tmp_path_factory.mktemp("data")
+    train, val, _ = markov_tokens(64, 20_000, 4_000, seed=1)
+    write_shard(out / "train_000000.bin", train[:10_000])
+    write_shard(out / "train_000001.bin", train[10_000:])
+    write_shard(out / "val_000000.bin", val)
+    return out
+
+
+def run_trainer(exe, *args, threads=2, check=True):
+    env = {"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def step_losses(stdout: str) -> dict[int, float]:
+    """{step: loss} from the trainer's 'step N/M | loss X | ...' lines."""
+    out = {}
+    for line in stdout.splitlines():
+        if line.startswith("step "):
+            fields = line.split("|")
+            out[int(fields[0].split()[1].split("/")[0])] = float(fields[1].split()[1])
+    return out
+
+
+def random_tokens(n, vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, n)
