@@ -60,7 +60,7 @@ def test_accumulation_equals_one_big_batch(tiny_trainer, tiny_data):
     small = run_trainer(tiny_trainer, *data_args(tiny_data), *COMMON, "-b", 2, "-d", 64, "-x", 5)
     big = run_trainer(tiny_trainer, *data_args(tiny_data), *COMMON, "-b", 4, "-d", 64, "-x", 5)
     a, b = step_losses(small.stdout), step_losses(big.stdout)
-    assert "(2 micro-steps" in small.stdout
+    assert "total batch 64 tokens in 2 micro-batches" in small.stdout
     assert all(abs(a[s] - b[s]) < 1e-4 for s in range(1, 6)), (a, b)
     bad = run_trainer(tiny_trainer, *data_args(tiny_data), *COMMON, "-d", 100, check=False)
     assert bad.returncode == 1 and "not a positive multiple of B*T = 64" in bad.stderr
