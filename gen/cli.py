@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import subprocess
 from pathlib import Path
 
 import click
@@ -49,25 +48,18 @@ def spec_options(f):
     return wrapper
 
 
-def run_make(out_dir: Path, target: str = "train_gpt2") -> None:
-    result = subprocess.run(["make", "-s", target], cwd=out_dir, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise LlmgenError(f"{out_dir}: make {target} failed:\n{result.stdout}{result.stderr}")
-
-
 @cli.command()
 @spec_options
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="output dir [default: build/SPEC]")
 @click.option("--build/--no-build", default=False, help="also compile it with make")
 def emit(spec, out_dir, build):
     """Write train_gpt2.c, its test harness and a Makefile for a spec."""
-    from .emit import emit as emit_files
+    from .emit import emit as emit_files, make
     out = Path(out_dir or Path("build") / spec.name)
     for path in emit_files(spec, out):
         click.echo(f"wrote {path}")
     if build:
-        run_make(out)
-        click.echo(f"built {out / 'train_gpt2'}")
+        click.echo(f"built {make(out)}")
 
 
 @cli.command()

@@ -6,11 +6,13 @@ Python computes every size, name and offset here; the templates only print them.
 from __future__ import annotations
 
 import math
+import subprocess
 from pathlib import Path
 
 import jinja2
 
 from . import __version__
+from .errors import LlmgenError
 from .fileio import write_atomic
 from .spec import Spec
 from .tensors import ACTS, PARAMS, num_params
@@ -115,3 +117,12 @@ def emit(spec: Spec, out_dir: str | Path) -> list[Path]:
             write_atomic(path, [text.encode()])
         written.append(path)
     return written
+
+
+def make(out_dir: str | Path, target: str = "train_gpt2", cc: str = "gcc") -> Path:
+    """Run the emitted Makefile; a failed build is reported with the compiler's output."""
+    out_dir = Path(out_dir)
+    result = subprocess.run(["make", "-s", target, f"CC={cc}"], cwd=out_dir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LlmgenError(f"{out_dir}: make {target} failed:\n{result.stdout}{result.stderr}")
+    return out_dir / target

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import reference as ref
-from .emit import emit
+from .emit import emit, make
 from .errors import LlmgenError
 from .fileio import write_model, write_shard
 from .spec import Spec
@@ -59,10 +59,7 @@ def verify_params(spec: Spec, seed: int) -> dict[str, np.ndarray]:
 
 def build(spec: Spec, out_dir: Path, cc: str = "gcc") -> Path:
     emit(spec, out_dir)
-    result = subprocess.run(["make", "-s", "test_gpt2", f"CC={cc}"], cwd=out_dir, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise LlmgenError(f"{out_dir}: building test_gpt2 failed:\n{result.stdout}{result.stderr}")
-    return out_dir / "test_gpt2"
+    return make(out_dir, "test_gpt2", cc)
 
 
 def run_c(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, steps: int, accum: int,
