@@ -10,7 +10,7 @@ import click
 from . import __version__
 from . import spec as specs
 from .errors import LlmgenError
-from .tensors import ACTS, num_params
+from .tensors import num_acts, num_params
 
 MIB = 1024 * 1024
 
@@ -74,7 +74,7 @@ def info(spec, batch, seq_len):
     dims = spec.dims
     n = num_params(dims)
     n_unpadded = num_params({**dims, "Vp": spec.vocab_size})
-    acts = sum(t.numel({**dims, "B": batch, "T": T}) for t in ACTS)
+    acts = num_acts({**dims, "B": batch, "T": T})
     L, C = spec.n_layer, spec.n_embd
     flops = 6 * n + 6 * L * C * T
     rows = [("parameters", n), ("gradients", n), ("AdamW m and v", 2 * n),

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import LlmgenError
 from .spec import Spec, from_dict
-from .tensors import PARAMS, param_sizes
+from .tensors import PARAMS, num_params, param_sizes, unflatten
 
 HEADER_INTS = 256
 MODEL_MAGIC, MODEL_VERSION_FP32 = 20240326, 3
@@ -89,17 +89,11 @@ def read_model(path) -> tuple[Spec, dict[str, np.ndarray]]:
     if header[1] != MODEL_VERSION_FP32:
         raise LlmgenError(f"{path}: model checkpoint version {header[1]} is not supported (expected 3, fp32)")
     spec = spec_from_header(header, str(path))
-    sizes = param_sizes(spec.dims)
-    need = sum(int(np.prod(s)) for s in sizes.values()) * 4
+    need = num_params(spec.dims) * 4
     if len(body) != need:
         raise LlmgenError(f"{path}: model checkpoint holds {len(body)} bytes of parameters, "
                           f"its header's sizes need {need}")
-    params, off = {}, 0
-    for t in PARAMS:
-        n = int(np.prod(sizes[t.name]))
-        params[t.name] = np.frombuffer(body, dtype="<f4", count=n, offset=off).reshape(sizes[t.name]).copy()
-        off += 4 * n
-    return spec, params
+    return spec, unflatten(np.frombuffer(body, dtype="<f4").copy(), spec.dims)
 
 
 def write_shard(path, tokens) -> None:

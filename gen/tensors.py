@@ -89,3 +89,13 @@ def num_params(dims: dict[str, int]) -> int:
 
 def num_acts(dims: dict[str, int]) -> int:
     return sum(t.numel(dims) for t in ACTS)
+
+
+def unflatten(flat: np.ndarray, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """Views of one flat parameter buffer (PARAMS in order) as named, shaped tensors."""
+    out, off = {}, 0
+    for t in PARAMS:
+        n = t.numel(dims)
+        out[t.name] = flat[off:off + n].reshape(t.sizes(dims))
+        off += n
+    return out

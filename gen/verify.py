@@ -19,7 +19,7 @@ from .emit import emit, make
 from .errors import LlmgenError
 from .fileio import write_model, write_shard
 from .spec import Spec
-from .tensors import PARAMS, param_sizes
+from .tensors import PARAMS, num_params, unflatten
 
 # Tolerances for float32 C against the float64 reference. Seen on gpt2-124m sizes with
 # 2 layers: about 1e-6 forward, 7e-6 for gradients, 3e-7 for losses and norms, and 5e-4
@@ -75,8 +75,7 @@ def run_c(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, ste
     if result.returncode != 0:
         raise LlmgenError(f"{exe} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
     out = np.fromfile(out_path, dtype="<f4")
-    sizes = param_sizes(spec.dims)
-    n = sum(int(np.prod(s)) for s in sizes.values())
+    n = num_params(spec.dims)
     parts, off = {}, 0
 
     def take(name, count, shape=None):
@@ -93,15 +92,6 @@ def run_c(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, ste
     if off != out.size:
         raise LlmgenError(f"{out_path}: harness wrote {out.size} floats, expected {off}")
     return parts
-
-
-def split(flat: np.ndarray, spec: Spec) -> dict[str, np.ndarray]:
-    out, off = {}, 0
-    for name, shape in param_sizes(spec.dims).items():
-        k = int(np.prod(shape))
-        out[name] = flat[off:off + k].reshape(shape)
-        off += k
-    return out
 
 
 def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum: int = 2,
@@ -128,7 +118,7 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
     c = run_c(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads)
     rows = [Row("logits", rel_error(c["logits"], logits), TOL_FORWARD),
             Row("loss", rel_error(c["loss"], [loss]), TOL_FORWARD)]
-    cgrads = split(c["grads"], spec)
+    cgrads = unflatten(c["grads"], spec.dims)
     rows += [Row(f"grad {t.name}", rel_error(cgrads[t.name], grads[t.name]), TOL_GRAD) for t in PARAMS]
 
     m = {k: np.zeros_like(v) for k, v in p64.items()}
@@ -142,7 +132,7 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
         norms.append(norm_s)
     rows.append(Row(f"losses ({steps} steps)", rel_error(c["train"][:, 0], losses), TOL_CURVE))
     rows.append(Row(f"grad norms ({steps} steps)", rel_error(c["train"][:, 1], norms), TOL_CURVE))
-    cparams = split(c["params"], spec)
+    cparams = unflatten(c["params"], spec.dims)
     C = spec.n_embd
     for t in PARAMS:
         cp, rp = cparams[t.name], p64[t.name]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llmgen import spec as specs
-from llmgen.emit import emit
+from llmgen.emit import emit, make
 from llmgen.fileio import write_shard
 from llmgen.synthetic import markov_tokens
 
@@ -14,11 +14,6 @@ from llmgen.synthetic import markov_tokens
 def llmgen(*args, cwd=None):
     """Run the llmgen command line; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "llmgen", *map(str, args)], capture_output=True, text=True, cwd=cwd)
-
-
-def make(directory, target="train_gpt2", **variables):
-    extra = [f"{k}={v}" for k, v in variables.items()]
-    subprocess.run(["make", "-s", target, *extra], cwd=directory, check=True, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session")
