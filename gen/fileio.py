@@ -23,6 +23,12 @@ MODEL_MAGIC, MODEL_VERSION_FP32 = 20240326, 3
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, chunks) -> None:
     """Write byte chunks to path via a temporary file and a rename: no half-written file."""
     path = Path(path)
@@ -35,6 +41,7 @@ def write_atomic(path: str | os.PathLike, chunks) -> None:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)

@@ -1,0 +1,246 @@
+"""Text files in, llm.c token shards out (`llmgen data prepare`).
+
+Every input file is one document. Each document is tokenized with GPT-2's BPE and starts
+with <|endoftext|>, as in llm.c's data scripts; the documents are concatenated, the first
+tokens go to the val split and the rest to train, and each split is cut into shards of at
+most `shard_tokens` tokens of about equal size (so no shard is too small for a batch).
+
+Everything is read, checked and tokenized before the first shard is written, and each
+shard is written atomically: a bad input leaves the output dir as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LlmgenError
+from .fileio import write_atomic, write_shard
+from .tokenizer import EOT_TOKEN, RANKS_SHA256, data_file, gpt2, write_c_tokenizer
+
+EMBEDDED = {"shakespeare": "shakespeare.txt"}   # names that mean a corpus shipped with llmgen
+CHUNK_CHARS = 1 << 20         # long documents are tokenized in chunks of about this many characters
+PROGRESS_BYTES = 16 << 20     # show a progress bar from this much input on
+TOKENIZER_FILE = "gpt2_tokenizer.bin"
+MANIFEST_FILE = "prepare.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input document: a file, or a corpus embedded in the package."""
+    path: Path
+    label: str          # how messages name it
+
+    def stat(self) -> list:
+        s = self.path.stat()
+        return [self.label, s.st_size, s.st_mtime_ns]
+
+
+def find_sources(inputs: list[str]) -> list[Source]:
+    """Files named directly, the files under named folders (sorted, hidden ones skipped),
+    and embedded corpora by name (when no file of that name exists)."""
+    sources = []
+    for name in inputs:
+        path = Path(name)
+        if not path.exists() and name in EMBEDDED:
+            sources.append(Source(data_file(EMBEDDED[name]), f"{name} (embedded)"))
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not files:
+                raise LlmgenError(f"{path}: folder holds no files")
+            sources.extend(Source(p, str(p)) for p in files)
+        elif path.is_file():
+            sources.append(Source(path, str(path)))
+        elif path.exists():
+            raise LlmgenError(f"{path}: not a file or folder")
+        else:
+            hint = f" (embedded corpora: {', '.join(EMBEDDED)})" if "/" not in name else ""
+            raise LlmgenError(f"{path}: no such file or folder{hint}")
+    if not sources:
+        raise LlmgenError("no input given")
+    return sources
+
+
+def read_text(source: Source, errors: str = "strict") -> str:
+    """The file's text; binary files and (unless errors='replace') invalid UTF-8 are refused."""
+    try:
+        data = source.path.read_bytes()
+    except OSError as e:
+        raise LlmgenError(f"{source.label}: cannot read ({e.strerror})") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise LlmgenError(f"{source.label}: looks like a binary file (NUL byte at offset {nul}), not text")
+    if data.startswith(b"\xef\xbb\xbf"):   # a UTF-8 byte order mark is not text
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if errors == "replace":
+            return data.decode("utf-8", errors="replace")
+        raise LlmgenError(f"{source.label}: not UTF-8 text: invalid byte 0x{data[e.start]:02x} at offset {e.start} "
+                          "(--encoding-errors replace accepts it as U+FFFD)") from None
+
+
+def split_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut text into pieces of about `size` characters that tokenize exactly as the whole.
+
+    A cut goes right after a newline that follows a non-space character and precedes an
+    ASCII letter or digit. GPT-2's pre-tokenizer never joins across such a point: the
+    newline is a piece of its own either way, and the word after it starts a new piece.
+    """
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = start + size
+        while end < len(text) and not (text[end - 1] == "\n" and not text[end - 2].isspace()
+                                       and text[end].isascii() and text[end].isalnum()):
+            end += 1
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return [p for p in pieces if p]
+
+
+@dataclass
+class Prepared:
+    documents: int = 0
+    input_bytes: int = 0
+    train_tokens: int = 0
+    val_tokens: int = 0
+    shards: list[Path] = field(default_factory=list)
+    tokenize_seconds: float = 0.0
+    threads: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.train_tokens + self.val_tokens
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.tokenize_seconds if self.tokenize_seconds > 0 else float("inf")
+
+
+def _tokenize(sources: list[Source], errors: str, threads: int, progress: bool) -> tuple[list[np.ndarray], int, float]:
+    """Per document: [<|endoftext|>, tokens...] as uint16; plus input bytes and seconds spent encoding."""
+    enc = gpt2()
+    total_bytes = sum(s.path.stat().st_size for s in sources)
+    bar = None
+    if progress and total_bytes >= PROGRESS_BYTES:
+        import click
+        bar = click.progressbar(length=total_bytes, label="tokenizing", file=sys.stderr, show_pos=False)
+        bar.__enter__()
+    docs, seconds = [], 0.0
+    try:
+        for source in sources:
+            text = read_text(source, errors)
+            if text.strip():
+                t0 = time.perf_counter()
+                pieces = enc.encode_ordinary_batch(split_chunks(text), num_threads=threads)
+                seconds += time.perf_counter() - t0
+                doc = np.empty(1 + sum(len(p) for p in pieces), dtype=np.uint16)
+                doc[0] = EOT_TOKEN
+                np.concatenate([np.asarray(p, dtype=np.uint16) for p in pieces] or [doc[:0]], out=doc[1:])
+                docs.append(doc)
+            if bar is not None:
+                bar.update(source.path.stat().st_size)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    return docs, total_bytes, seconds
+
+
+def _shards(tokens: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Equal-sized pieces of at most max_tokens each."""
+    n = max(1, -(-len(tokens) // max_tokens))
+    return np.array_split(tokens, n)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".llmgen-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise LlmgenError(f"{out}: cannot write the output dir ({e.strerror})") from None
+
+
+def prepare(inputs: list[str], out_dir: str | Path, *, val_fraction: float | None = None,
+            val_tokens: int | None = None, shard_tokens: int = 100_000_000, errors: str = "strict",
+            threads: int | None = None, progress: bool = True) -> Prepared:
+    """Tokenize the inputs into DIR/train_NNNNNN.bin and DIR/val_NNNNNN.bin (llm.c shards),
+    and write DIR/gpt2_tokenizer.bin (for the trainer's -T) and DIR/prepare.json."""
+    if val_fraction is not None and val_tokens is not None:
+        raise LlmgenError("give a val fraction or a val token count, not both")
+    if val_fraction is None and val_tokens is None:
+        val_fraction = 0.1
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+        raise LlmgenError(f"--val-fraction {val_fraction}: must be at least 0 and below 1")
+    if val_tokens is not None and val_tokens < 0:
+        raise LlmgenError(f"--val-tokens {val_tokens}: must not be negative")
+    if not 2 <= shard_tokens:
+        raise LlmgenError(f"--shard-tokens {shard_tokens}: a shard needs at least 2 tokens")
+    if errors not in ("strict", "replace"):
+        raise LlmgenError(f"--encoding-errors {errors}: expected strict or replace")
+    threads = threads or min(8, os.cpu_count() or 1)
+    out = Path(out_dir)
+    sources = find_sources(inputs)
+    if out.exists() and not out.is_dir():
+        raise LlmgenError(f"{out}: exists and is not a folder")
+
+    docs, total_bytes, seconds = _tokenize(sources, errors, threads, progress)
+    if not docs:
+        raise LlmgenError(f"no text in {', '.join(s.label for s in sources)}: "
+                          f"{'the file is' if len(sources) == 1 else 'all files are'} empty or whitespace")
+    tokens = np.concatenate(docs)
+    n_val = int(len(tokens) * val_fraction) if val_tokens is None else val_tokens
+    n_train = len(tokens) - n_val
+    if n_train < 2 or (n_val != 0 and n_val < 2):
+        want = f"--val-tokens {val_tokens}" if val_tokens is not None else f"--val-fraction {val_fraction}"
+        raise LlmgenError(f"corpus too small for the split: {len(tokens):,} tokens, {want} leaves "
+                          f"{max(n_train, 0):,} for train and {n_val:,} for val (each needs at least 2)")
+
+    _check_writable(out)
+    result = Prepared(documents=len(docs), input_bytes=total_bytes, train_tokens=n_train, val_tokens=n_val,
+                      tokenize_seconds=seconds, threads=threads)
+    splits = [("val", tokens[:n_val]), ("train", tokens[n_val:])]
+    for split, part in splits:
+        if len(part) == 0:
+            continue
+        for i, shard in enumerate(_shards(part, shard_tokens)):
+            path = out / f"{split}_{i:06d}.bin"
+            write_shard(path, shard)
+            result.shards.append(path)
+    # shards of an earlier run that this one did not overwrite would join the trainer's glob
+    for stale in sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin")):
+        if stale not in result.shards:
+            stale.unlink()
+    write_c_tokenizer(out / TOKENIZER_FILE)
+    manifest = {"inputs": [s.stat() for s in sources], "val_fraction": val_fraction, "val_tokens": val_tokens,
+                "shard_tokens": shard_tokens, "encoding_errors": errors, "tokenizer_sha256": RANKS_SHA256,
+                "documents": result.documents, "train_tokens": n_train, "val_tokens_written": n_val,
+                "shards": [p.name for p in result.shards]}
+    write_atomic(out / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
+    return result
+
+
+def is_prepared(inputs: list[str], out_dir: str | Path, **settings) -> bool:
+    """Whether out_dir holds shards prepared from these very inputs (same sizes and times)
+    with these settings, so that preparing again would write the same files."""
+    out = Path(out_dir)
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        sources = find_sources(inputs)
+    except (OSError, ValueError, LlmgenError):
+        return False
+    same = (manifest.get("inputs") == [s.stat() for s in sources]
+            and manifest.get("tokenizer_sha256") == RANKS_SHA256
+            and all(manifest.get(k) == v for k, v in settings.items()))
+    return same and all((out / name).is_file() for name in manifest.get("shards", [])) \
+        and (out / TOKENIZER_FILE).is_file()

@@ -1,0 +1,137 @@
+"""`llmgen data prepare`: text to shards and back, and every kind of bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import llmgen
+from llmgen.fileio import read_shard
+from llmgen.prepare import prepare
+from llmgen.tokenizer import EOT_TOKEN, gpt2, read_c_tokenizer
+
+DOCS = {
+    "a.txt": "First document.\nIt has two lines.\n",
+    "b.txt": "Second: unicode héllo 日本語 🤖, and  runs   of\t\tspace.\n\n\n",
+    "sub/c.md": "Third, in a subfolder.\n" * 40,
+}
+
+
+def write_docs(root):
+    for name, text in DOCS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / ".hidden").write_text("not a document")
+    return root
+
+
+def read_back(out):
+    """All tokens, val shards first (the order prepare cuts them in), split into documents."""
+    tokens = np.concatenate([read_shard(p) for p in sorted(out.glob("val_*.bin")) + sorted(out.glob("train_*.bin"))])
+    starts = np.flatnonzero(tokens == EOT_TOKEN)
+    assert starts[0] == 0
+    return [gpt2().decode(tokens[s + 1:e].tolist()) for s, e in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+
+def test_round_trip_folder(tmp_path):
+    src = write_docs(tmp_path / "corpus")
+    out = tmp_path / "out"
+    r = prepare([str(src)], out, val_tokens=10, progress=False)
+    assert r.documents == 3 and r.val_tokens == 10
+    # documents come back in sorted path order, each exactly as written
+    assert read_back(out) == [DOCS["a.txt"], DOCS["b.txt"], DOCS["sub/c.md"]]
+    assert sorted(p.name for p in out.iterdir()) == ["gpt2_tokenizer.bin", "prepare.json",
+                                                    "train_000000.bin", "val_000000.bin"]
+    assert len(read_shard(out / "val_000000.bin")) == 10
+    assert read_c_tokenizer(out / "gpt2_tokenizer.bin")[0] == EOT_TOKEN
+    assert json.loads((out / "prepare.json").read_text())["documents"] == 3
+
+
+def test_shard_size_and_stale_shards(tmp_path):
+    src = write_docs(tmp_path / "corpus")
+    out = tmp_path / "out"
+    prepare([str(src)], out, val_fraction=0.25, shard_tokens=50, progress=False)
+    train = sorted(out.glob("train_*.bin"))
+    sizes = [len(read_shard(p)) for p in train]
+    assert len(train) > 3 and max(sizes) <= 50 and max(sizes) - min(sizes) <= 1  # equal shards, none tiny
+    assert read_back(out) == [DOCS["a.txt"], DOCS["b.txt"], DOCS["sub/c.md"]]
+    # fewer, larger shards the second time: the old ones must not linger for the trainer's glob
+    prepare([str(src)], out, val_fraction=0.25, progress=False)
+    assert [p.name for p in sorted(out.glob("train_*.bin"))] == ["train_000000.bin"]
+    assert read_back(out) == [DOCS["a.txt"], DOCS["b.txt"], DOCS["sub/c.md"]]
+
+
+def test_no_val_split(tmp_path):
+    (tmp_path / "t.txt").write_text("just some text to train on\n" * 5)
+    prepare([str(tmp_path / "t.txt")], tmp_path / "out", val_fraction=0.0, progress=False)
+    assert not list((tmp_path / "out").glob("val_*.bin"))
+
+
+def test_cli_embedded_shakespeare(tmp_path):
+    r = llmgen("data", "prepare", "shakespeare", "-o", tmp_path / "d", "--val-tokens", "32768")
+    assert r.returncode == 0, r.stderr
+    assert "1 document, 1.3 MiB of text: 428,714 tokens (395,946 train, 32,768 val) in 2 shards" in r.stdout
+    assert "M tokens/s" in r.stdout
+    text = read_back(tmp_path / "d")
+    from llmgen.tokenizer import data_file
+    assert text == [data_file("shakespeare.txt").read_text()]
+
+
+def test_cli_replace_encoding_errors(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    r = llmgen("data", "prepare", bad, "-o", tmp_path / "out", "--encoding-errors", "replace", "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert read_back(tmp_path / "out") == ["caf\ufffd au lait\n"]
+
+
+def bad_input_cases(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    binary = tmp_path / "image.png"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes(b"ok so far\ncaf\xe9\n")
+    small = tmp_path / "small.txt"
+    small.write_text("tiny")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    good = tmp_path / "good.txt"
+    good.write_text("some good text\n" * 10)
+    return [
+        ([tmp_path / "missing.txt"], [], "missing.txt: no such file or folder"),
+        ([empty], [], "no text in"),
+        ([binary], [], "image.png: looks like a binary file (NUL byte at offset 8), not text"),
+        ([latin], [], "latin1.txt: not UTF-8 text: invalid byte 0xe9 at offset 13"),
+        ([small], ["--val-fraction", "0.5"], "corpus too small for the split"),
+        ([good], ["--val-tokens", "100000"], "corpus too small for the split"),
+        ([good], ["--val-fraction", "1.5"], "--val-fraction 1.5: must be at least 0 and below 1"),
+        ([good], ["--val-fraction", "0.1", "--val-tokens", "5"], "not both"),
+        ([good], ["--shard-tokens", "1"], "--shard-tokens 1"),
+        ([good], ["-o", afile], "afile: exists and is not a folder"),
+        ([good], ["-o", afile / "sub"], "cannot write the output dir"),
+    ]
+
+
+def test_cli_bad_input(tmp_path):
+    for inputs, flags, message in bad_input_cases(tmp_path):
+        out = tmp_path / "out"
+        args = ["data", "prepare", *inputs] + (flags if "-o" in flags else ["-o", out, *flags])
+        r = llmgen(*args)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert message in r.stderr, (message, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists() or not any(out.iterdir()), f"{args} left files behind"
+
+
+def test_bad_input_leaves_earlier_output_alone(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("good text\n" * 50)
+    out = tmp_path / "out"
+    prepare([str(good)], out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe")
+    r = llmgen("data", "prepare", good, bad, "-o", out)
+    assert r.returncode == 1 and "bad.txt: not UTF-8 text" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
