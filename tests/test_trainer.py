@@ -38,7 +38,7 @@ def test_loss_falls_on_learnable_data(tiny_trainer, tiny_data, tmp_path):
 
 def test_help_and_bad_flags(tiny_trainer):
     result = run_trainer(tiny_trainer, "-h")
-    for flag in "-i -j -e -o -b -t -d -l -u -q -c -x -v -m -s -g -n -y -a -G -S -h".split():
+    for flag in "-i -j -e -o -b -t -d -l -u -q -c -x -v -m -s -g -n -y -a -G -S -T -P -K -R -h".split():
         assert f"  {flag} " in result.stdout
     for args, message in [(["-b", "x"], "-b: expected an integer"), (["-Z", "1"], "unknown flag -Z"),
                           (["-b"], "-b needs a value"), (["-b", "0"], "batch size must be positive")]:
@@ -49,7 +49,7 @@ def test_help_and_bad_flags(tiny_trainer):
 def test_sampling_prints_token_ids(tiny_trainer, tiny_data):
     result = run_trainer(tiny_trainer, *data_args(tiny_data), *COMMON, "-x", 2, "-s", 1, "-g", 40)
     lines = result.stdout.splitlines()
-    samples = [lines[i + 1] for i, line in enumerate(lines) if line.startswith("generated token ids")]
+    samples = [lines[i + 2] for i, line in enumerate(lines) if line == "generating:" and lines[i + 1] == "---"]
     assert len(samples) == 2  # at step 1 and the last step
     ids = [int(x) for x in samples[0].split()]
     assert len(ids) == 40 and all(0 <= i < 64 for i in ids)  # 40 > T=16: the context slides
