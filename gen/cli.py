@@ -31,9 +31,12 @@ def cli():
     """llmgen: generate readable, standalone GPT-2 training programs from a model spec."""
 
 
-def spec_options(f):
+def spec_options(f=None, *, default="gpt2-124m"):
     """--spec plus the size overrides, turned into one checked Spec argument."""
-    @click.option("--spec", "spec_name", default="gpt2-124m", show_default=True,
+    if f is None:
+        return functools.partial(spec_options, default=default)
+
+    @click.option("--spec", "spec_name", default=default, show_default=True,
                   help=f"preset ({', '.join(specs.preset_names())}) or path to a TOML spec file")
     @click.option("--layers", type=int, help="override: number of transformer blocks")
     @click.option("--heads", type=int, help="override: attention heads")
@@ -141,6 +144,96 @@ def synthetic(spec, out_dir, tokens, val_tokens, seed):
     write_shard(out / "val_000000.bin", val)
     click.echo(f"wrote {out / 'train_000000.bin'} ({tokens:,} tokens) and {out / 'val_000000.bin'} "
                f"({val_tokens:,} tokens); chain entropy {entropy:.3f} nats/token")
+
+
+@data.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(), default="build/data",
+              show_default=True, help="output dir for the shards")
+@click.option("--val-fraction", type=float, help="share of the tokens for val  [default: 0.1]")
+@click.option("--val-tokens", type=int, help="val tokens, instead of a fraction")
+@click.option("--shard-tokens", type=int, default=100_000_000, show_default=True, help="most tokens per shard")
+@click.option("--encoding-errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True,
+              help="text that is not UTF-8: an error, or replaced by U+FFFD")
+@click.option("--threads", type=int, help="tokenizer threads  [default: the cores, at most 8]")
+def prepare(inputs, out_dir, val_fraction, val_tokens, shard_tokens, encoding_errors, threads):
+    """Tokenize text files or folders into llm.c token shards.
+
+    INPUTS are text files, folders of them, or `shakespeare` for the corpus that ships
+    with llmgen. Each file is a document, started by <|endoftext|>. The first tokens go to
+    val_000000.bin..., the rest to train_000000.bin...; gpt2_tokenizer.bin (for the
+    trainer's -T flag) is written beside them.
+    """
+    from .prepare import prepare as run_prepare
+    if threads is not None and threads <= 0:
+        raise LlmgenError(f"--threads {threads}: must be positive")
+    r = run_prepare(list(inputs), out_dir, val_fraction=val_fraction, val_tokens=val_tokens,
+                    shard_tokens=shard_tokens, errors=encoding_errors, threads=threads)
+    click.echo(f"{r.documents:,} document{'s' if r.documents != 1 else ''}, {r.input_bytes / MIB:,.1f} MiB of text: "
+               f"{r.tokens:,} tokens ({r.train_tokens:,} train, {r.val_tokens:,} val) in {len(r.shards)} "
+               f"shard{'s' if len(r.shards) != 1 else ''} in {out_dir}")
+    click.echo(f"tokenized at {r.rate / 1e6:,.2f}M tokens/s ({r.threads} threads)")
+
+
+@data.command()
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default="gpt2_tokenizer.bin",
+              show_default=True)
+def tokenizer(out_path):
+    """Write GPT-2's tokenizer in llm.c's format, for the trainer's -T flag."""
+    from .tokenizer import write_c_tokenizer
+    click.echo(f"wrote {write_c_tokenizer(out_path)}")
+
+
+@cli.command()
+@spec_options(default="gpt2-tiny")
+@click.option("--data", "inputs", multiple=True, default=["shakespeare"], show_default=True,
+              help="text file or folder to train on (repeat for more); `shakespeare` ships with llmgen")
+@click.option("--steps", type=int, default=200, show_default=True, help="optimizer steps")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="build/quickstart",
+              show_default=True, help="dir for the trainer, the data, the log and the checkpoint")
+@click.option("-b", "batch", type=int, default=8, show_default=True, help="batch size B")
+@click.option("-t", "seq_len", type=int, default=64, show_default=True, help="sequence length T")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="peak learning rate (cosine decay to 10%)")
+@click.option("--warmup", type=int, default=20, show_default=True, help="learning rate warmup steps")
+@click.option("--val-every", type=int, default=100, show_default=True, help="val loss every this many steps")
+@click.option("--sample-tokens", type=int, default=200, show_default=True, help="tokens in the final sample")
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--threads", type=int, help="OpenMP threads  [default: all cores]")
+def train(spec, inputs, steps, out_dir, batch, seq_len, lr, warmup, val_every, sample_tokens, temperature,
+          top_k, seed, threads):
+    """Train a small GPT-2 on text and print what it writes: the whole job in one command.
+
+    Emits and builds the trainer, tokenizes the text (the embedded Shakespeare by default),
+    trains while printing the loss, and ends with a sample. A second run reuses the build and
+    the data unless the spec or the text changed. Needs no network.
+    """
+    from .run import train as run_train
+    r = run_train(spec, list(inputs), out_dir, steps=steps, batch=batch, seq_len=seq_len, lr=lr, warmup=warmup,
+                  sample_tokens=sample_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                  val_every=val_every, threads=threads, echo=click.echo)
+    val = f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else "n/a"
+    click.echo(f"done in {r.seconds:.0f} s: final val loss {val}; checkpoint {r.checkpoint}")
+    click.echo(f"more text: llmgen sample --checkpoint {r.checkpoint} --prompt \"ROMEO:\"")
+
+
+@cli.command()
+@click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
+              help="model checkpoint (llm.c format) with GPT-2's vocab")
+@click.option("--prompt", "-p", default="", help="text the sample continues  [default: none]")
+@click.option("-n", "tokens", type=int, default=200, show_default=True, help="tokens to generate")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0: always the most likely token")
+@click.option("--top-k", type=int, default=40, show_default=True, help="0: all tokens")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--build-dir", type=click.Path(file_okay=False),
+              help="where to build the sampler  [default: build/sampler-SIZES]")
+@click.option("--threads", type=int, help="OpenMP threads  [default: all cores]")
+def sample(checkpoint, prompt, tokens, temperature, top_k, seed, build_dir, threads):
+    """Continue a prompt with a trained checkpoint, printing the text as it comes."""
+    from .run import sample as run_sample
+    run_sample(checkpoint, prompt, tokens, temperature=temperature, top_k=top_k, seed=seed,
+               build_dir=build_dir, threads=threads)
 
 
 @cli.command()
