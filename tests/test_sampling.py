@@ -136,3 +136,14 @@ def test_bad_sampling_input(tiny_trainer, ckpt, tmp_path):
     for args, message in cases:
         r = run_trainer(tiny_trainer, *args, check=False)
         assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+
+
+def test_sample_from_a_run_dir(tiny_trainer, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_trainer(tiny_trainer, "-i", tiny_data / "train_*.bin", "-b", 2, "-t", 8, "-x", 2, "-n", 2, "-s", 0, "-o", run)
+    log = (run / "main.log").read_text()
+    r = run_trainer(tiny_trainer, "-x", 0, "-y", 1, "-o", run, "-v", 0, "-b", 1, "-t", 8, "-g", 5)
+    assert len(r.stdout.split()) == 5
+    assert (run / "main.log").read_text() == log       # sampling leaves the run's log alone
+    empty = run_trainer(tiny_trainer, "-x", 0, "-y", 1, "-o", tmp_path / "none", check=False)
+    assert empty.returncode == 1 and "no checkpoint in" in empty.stderr
