@@ -139,16 +139,23 @@ def _tokenize(sources: list[Source], errors: str, threads: int, progress: bool) 
     try:
         for source in sources:
             text = read_text(source, errors)
+            size = source.path.stat().st_size
             if text.strip():
-                t0 = time.perf_counter()
-                pieces = enc.encode_ordinary_batch(split_chunks(text), num_threads=threads)
-                seconds += time.perf_counter() - t0
+                chunks = split_chunks(text)
+                pieces = []
+                for i in range(0, len(chunks), 4 * threads):   # a few chunks per thread, then the bar moves
+                    group = chunks[i:i + 4 * threads]
+                    t0 = time.perf_counter()
+                    pieces.extend(enc.encode_ordinary_batch(group, num_threads=threads))
+                    seconds += time.perf_counter() - t0
+                    if bar is not None:
+                        bar.update(int(size * sum(map(len, group)) / len(text)))
                 doc = np.empty(1 + sum(len(p) for p in pieces), dtype=np.uint16)
                 doc[0] = EOT_TOKEN
-                np.concatenate([np.asarray(p, dtype=np.uint16) for p in pieces] or [doc[:0]], out=doc[1:])
+                np.concatenate([np.asarray(p, dtype=np.uint16) for p in pieces], out=doc[1:])
                 docs.append(doc)
-            if bar is not None:
-                bar.update(source.path.stat().st_size)
+            elif bar is not None:
+                bar.update(size)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)

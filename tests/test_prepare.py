@@ -135,3 +135,14 @@ def test_bad_input_leaves_earlier_output_alone(tmp_path):
     r = llmgen("data", "prepare", good, bad, "-o", out)
     assert r.returncode == 1 and "bad.txt: not UTF-8 text" in r.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_progress_bar_on_large_input(tmp_path, monkeypatch, capsys):
+    import llmgen.prepare as prep
+    monkeypatch.setattr(prep, "PROGRESS_BYTES", 1000)   # "large" for the test
+    (tmp_path / "t.txt").write_text("Some line of text here.\n" * 400)
+    prep.prepare([str(tmp_path / "t.txt")], tmp_path / "out", progress=True)
+    assert "tokenizing" in capsys.readouterr().err
+    (tmp_path / "small.txt").write_text("small\n" * 10)
+    prep.prepare([str(tmp_path / "small.txt")], tmp_path / "out2", progress=True)
+    assert capsys.readouterr().err == ""
