@@ -127,7 +127,10 @@ class Prepared:
 
 
 def _tokenize(sources: list[Source], errors: str, threads: int, progress: bool) -> tuple[list[np.ndarray], int, float]:
-    """Per document: [<|endoftext|>, tokens...] as uint16; plus input bytes and seconds spent encoding."""
+    """Per document: [<|endoftext|>, tokens...] as uint16; plus input bytes and seconds spent encoding.
+
+    Chunks of all documents go to tiktoken in batches (several per thread), so that large
+    documents and many small ones both keep the threads busy and the progress bar moving."""
     enc = gpt2()
     total_bytes = sum(s.path.stat().st_size for s in sources)
     bar = None
@@ -135,30 +138,47 @@ def _tokenize(sources: list[Source], errors: str, threads: int, progress: bool) 
         import click
         bar = click.progressbar(length=total_bytes, label="tokenizing", file=sys.stderr, show_pos=False)
         bar.__enter__()
-    docs, seconds = [], 0.0
+    pieces: list[list[list[int]]] = []            # per document, its chunks' tokens
+    pending: list[tuple[int, str, float]] = []    # (document, chunk, its share of the input bytes)
+    seconds, pending_chars = 0.0, 0
+
+    def encode_pending():
+        nonlocal seconds
+        t0 = time.perf_counter()
+        tokens = enc.encode_ordinary_batch([chunk for _, chunk, _ in pending], num_threads=threads)
+        seconds += time.perf_counter() - t0
+        for (doc, _, _), ids in zip(pending, tokens):
+            pieces[doc].append(ids)
+        if bar is not None:
+            bar.update(round(sum(b for _, _, b in pending)))
+        pending.clear()
+
     try:
         for source in sources:
             text = read_text(source, errors)
             size = source.path.stat().st_size
-            if text.strip():
-                chunks = split_chunks(text)
-                pieces = []
-                for i in range(0, len(chunks), 4 * threads):   # a few chunks per thread, then the bar moves
-                    group = chunks[i:i + 4 * threads]
-                    t0 = time.perf_counter()
-                    pieces.extend(enc.encode_ordinary_batch(group, num_threads=threads))
-                    seconds += time.perf_counter() - t0
-                    if bar is not None:
-                        bar.update(int(size * sum(map(len, group)) / len(text)))
-                doc = np.empty(1 + sum(len(p) for p in pieces), dtype=np.uint16)
-                doc[0] = EOT_TOKEN
-                np.concatenate([np.asarray(p, dtype=np.uint16) for p in pieces], out=doc[1:])
-                docs.append(doc)
-            elif bar is not None:
-                bar.update(size)
+            if not text.strip():           # an empty file is no document
+                if bar is not None:
+                    bar.update(size)
+                continue
+            pieces.append([])
+            for chunk in split_chunks(text):
+                pending.append((len(pieces) - 1, chunk, size * len(chunk) / len(text)))
+                pending_chars += len(chunk)
+                if pending_chars >= 4 * threads * CHUNK_CHARS:
+                    encode_pending()
+                    pending_chars = 0
+        if pending:
+            encode_pending()
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+    docs = []
+    for doc_pieces in pieces:
+        doc = np.empty(1 + sum(len(p) for p in doc_pieces), dtype=np.uint16)
+        doc[0] = EOT_TOKEN
+        np.concatenate([np.asarray(p, dtype=np.uint16) for p in doc_pieces], out=doc[1:])
+        docs.append(doc)
     return docs, total_bytes, seconds
 
 
