@@ -13,6 +13,7 @@ from .errors import LlmgenError
 from .tensors import num_acts, num_params
 
 MIB = 1024 * 1024
+DEFAULT_SPEC = "gpt2-124m"
 
 
 class Group(click.Group):
@@ -32,18 +33,40 @@ def cli():
 
 
 def spec_options(f):
-    """--spec plus the size overrides, turned into one checked Spec argument."""
-    @click.option("--spec", "spec_name", default="gpt2-124m", show_default=True,
-                  help=f"preset ({', '.join(specs.preset_names())}) or path to a TOML spec file")
+    """--spec or --spec-from, plus the size overrides, turned into one checked Spec argument.
+
+    --spec-from takes the sizes from an llm.c model checkpoint's header. Given with it, --spec
+    and the overrides must describe the same sizes (then --spec names the model); any
+    difference is an error that lists the differing fields.
+    """
+    @click.option("--spec", "spec_name", metavar="NAME",
+                  help=f"preset ({', '.join(specs.preset_names())}) or path to a TOML spec file "
+                       f"[default: {DEFAULT_SPEC}]")
+    @click.option("--spec-from", "spec_from", metavar="CKPT", type=click.Path(dir_okay=False),
+                  help="take the sizes from an llm.c model checkpoint (version 3 or 5)")
     @click.option("--layers", type=int, help="override: number of transformer blocks")
     @click.option("--heads", type=int, help="override: attention heads")
     @click.option("--channels", type=int, help="override: embedding channels")
     @click.option("--vocab-size", type=int, help="override: vocabulary size (padding re-derived)")
     @click.option("--max-seq-len", type=int, help="override: longest sequence")
     @functools.wraps(f)
-    def wrapper(spec_name, layers, heads, channels, vocab_size, max_seq_len, **kwargs):
-        spec = specs.load(spec_name).with_overrides(layers=layers, heads=heads, channels=channels,
-                                                    vocab_size=vocab_size, max_seq_len=max_seq_len)
+    def wrapper(spec_name, spec_from, layers, heads, channels, vocab_size, max_seq_len, **kwargs):
+        overrides = dict(layers=layers, heads=heads, channels=channels, vocab_size=vocab_size,
+                         max_seq_len=max_seq_len)
+        if spec_from is None:
+            spec = specs.load(spec_name or DEFAULT_SPEC).with_overrides(**overrides)
+        else:
+            from .fileio import read_model_spec
+            spec, _ = read_model_spec(spec_from)
+            given = (specs.load(spec_name) if spec_name else spec).with_overrides(**overrides)
+            diff = specs.differences(spec, given)
+            if diff:
+                flags = [f"--spec {spec_name}"] if spec_name else []
+                flags += [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None]
+                raise LlmgenError(f"{spec_from}: the checkpoint's sizes differ from {' '.join(flags)} "
+                                  f"(checkpoint vs given): {diff}")
+            if spec_name:
+                spec = given
         return f(spec=spec, **kwargs)
     return wrapper
 
