@@ -166,6 +166,52 @@ def synthetic(spec, out_dir, tokens, val_tokens, seed):
                f"({val_tokens:,} tokens); chain entropy {entropy:.3f} nats/token")
 
 
+@cli.command("import-hf")
+@click.argument("source", metavar="DIR_OR_FILE", type=click.Path())
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="the llm.c model checkpoint to write")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="checkpoint version 3 (fp32) or 5 (bf16, rounded to nearest even)")
+@click.option("--heads", type=int, help="attention heads, when there is no config.json [default: channels / 64]")
+@click.option("--padded-vocab-size", type=int,
+              help="pad the vocab to this [default: as an llmgen export recorded it, else a multiple of 128]")
+def import_hf(source, out_path, dtype, heads, padded_vocab_size):
+    """A Hugging Face GPT-2 (model.safetensors in transformers' layout, with its config.json
+    when present) to an llm.c model checkpoint; prints the spec."""
+    from .fileio import DTYPE_VERSIONS, write_model
+    from .hf import import_hf as read_hf
+    spec, params, notes = read_hf(source, heads=heads, padded_vocab_size=padded_vocab_size,
+                                  name=Path(out_path).stem)
+    version = DTYPE_VERSIONS[dtype]
+    write_model(out_path, spec, params, version)
+    for note in notes:
+        click.echo(note)
+    click.echo(f"wrote {out_path}: llm.c model checkpoint version {version} ({dtype}), "
+               f"{num_params(spec.dims):,} parameters, vocab {spec.vocab_size} padded to {spec.padded_vocab_size}")
+    click.echo(f"spec (a trainer for it: llmgen emit --spec-from {out_path}):")
+    click.echo(spec.to_toml(), nl=False)
+
+
+@cli.command("export-hf")
+@click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="dir for model.safetensors and config.json")
+def export_hf(checkpoint, out_dir):
+    """An llm.c model checkpoint to model.safetensors and config.json that transformers'
+    GPT2LMHeadModel loads; the padded vocab rows are dropped."""
+    from .fileio import MODEL_VERSIONS, read_model
+    from .hf import export_hf as write_hf
+    spec, params, version = read_model(checkpoint, with_version=True)
+    padding = params["wte"][spec.vocab_size:]
+    model, config = write_hf(spec, params, out_dir)
+    click.echo(f"read {checkpoint}: version {version} ({MODEL_VERSIONS[version][0]}), {spec.n_layer} layers, "
+               f"{spec.n_head} heads, {spec.n_embd} channels, vocab {spec.vocab_size}, max_seq_len {spec.max_seq_len}")
+    if padding.size:
+        state = "all zero" if not padding.any() else "not zero: importing back gives zeros there"
+        click.echo(f"dropped the {padding.shape[0]} padded vocab rows of wte ({state}; the model never uses them)")
+    click.echo(f"wrote {model} (float32) and {config} (GPT2LMHeadModel)")
+
+
 @cli.command()
 def presets():
     """List the preset specs."""
