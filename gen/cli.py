@@ -168,7 +168,7 @@ def synthetic(spec, out_dir, tokens, val_tokens, seed):
 
 @cli.command("import-hf")
 @click.argument("source", metavar="DIR_OR_FILE", type=click.Path())
-@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(),
               help="the llm.c model checkpoint to write")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="checkpoint version 3 (fp32) or 5 (bf16, rounded to nearest even)")
@@ -194,7 +194,7 @@ def import_hf(source, out_path, dtype, heads, padded_vocab_size):
 
 @cli.command("export-hf")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
               help="dir for model.safetensors and config.json")
 def export_hf(checkpoint, out_dir):
     """An llm.c model checkpoint to model.safetensors and config.json that transformers'

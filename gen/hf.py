@@ -136,7 +136,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     header: dict = {"__metadata__": metadata} if metadata else {}
     arrays, offset = [], 0
     for name, a in tensors.items():
-        a = np.ascontiguousarray(a, dtype="<f4")
+        a = np.asarray(a, dtype="<f4").copy(order="C")  # (ascontiguousarray would make a 0-d array 1-d)
         header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         arrays.append(a)
         offset += a.nbytes
@@ -331,6 +331,8 @@ def gpt2_config(spec: Spec) -> dict:
 
 def export_hf(spec: Spec, params: dict[str, np.ndarray], out_dir: str | Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LlmgenError(f"{out_dir}: cannot write the export there (not a directory)")
     model, config = out_dir / "model.safetensors", out_dir / "config.json"
     write_safetensors(model, hf_tensors(spec, params), {"format": "pt"})
     write_atomic(config, [(json.dumps(gpt2_config(spec), indent=2) + "\n").encode()])
