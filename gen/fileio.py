@@ -39,6 +39,12 @@ DTYPE_VERSIONS = {name: version for version, (name, _) in MODEL_VERSIONS.items()
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, chunks) -> None:
     """Write byte chunks to path via a temporary file and a rename: no half-written file."""
     path = Path(path)
@@ -48,6 +54,7 @@ def write_atomic(path: str | os.PathLike, chunks) -> None:
     except OSError as e:
         raise LlmgenError(f"{path}: cannot write ({e.strerror})") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); a plain file is not
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)

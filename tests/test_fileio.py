@@ -1,6 +1,7 @@
 """llm.c model checkpoints in Python: version 3 (fp32) and 5 (bf16) round trips, bf16 rounding,
 and the emitted program loading a bf16 checkpoint written here."""
 
+import os
 import re
 import struct
 
@@ -153,3 +154,10 @@ def test_emitted_program_loads_bf16(tmp_path):
     _, loss_unrounded, _ = ref.forward(ODD, {k: v.astype(np.float64) for k, v in params.items()},
                                        tokens[:-1].reshape(B, T), tokens[1:].reshape(B, T))
     assert abs(loss_unrounded - loss) > 10 * abs(c5["loss"][0] - loss)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    write_model(tmp_path / "m.bin", ODD, ref.init_params(ODD))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "m.bin").stat().st_mode & 0o777 == 0o666 & ~mask
