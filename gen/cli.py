@@ -43,7 +43,8 @@ def spec_options(f):
                   help=f"preset ({', '.join(specs.preset_names())}) or path to a TOML spec file "
                        f"[default: {DEFAULT_SPEC}]")
     @click.option("--spec-from", "spec_from", metavar="CKPT", type=click.Path(dir_okay=False),
-                  help="take the sizes from an llm.c model checkpoint (version 3 or 5)")
+                  help="take the sizes from an llm.c model checkpoint (version 3 or 5); "
+                       "--spec and overrides given too must agree with it")
     @click.option("--layers", type=int, help="override: number of transformer blocks")
     @click.option("--heads", type=int, help="override: attention heads")
     @click.option("--channels", type=int, help="override: embedding channels")
