@@ -11,9 +11,9 @@ even. For x in bfloat16's normal range (2^-126 <= |x| < 2^128 - 2^119, beyond wh
 rounds to infinity) with 2^e <= |x| < 2^(e+1), b = bf16(x) is off by at most half the
 spacing 2^(e-7) of 8 significant bits: |b - x| <= 2^(e-8) <= 2^-8 |x|, and also
 <= 2^-8 |b|, with equality at ties such as x = 1 + 2^-8, which rounds (to even) to b = 1.
-Below 2^-126 (float32 subnormals) the absolute error is at most 2^-134. Infinities stay infinities, a NaN stays a NaN (quiet,
-sign kept), signed zeros keep their sign, and finite values too large for bfloat16 round
-to infinity as IEEE rounding prescribes.
+Below 2^-126 (float32 subnormals) the absolute error is at most 2^-134. Infinities stay
+infinities, a NaN stays a NaN (quiet, sign kept), signed zeros keep their sign, and finite
+values too large for bfloat16 round to infinity as IEEE rounding prescribes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MODEL_MAGIC = 20240326
 MODEL_VERSION_FP32, MODEL_VERSION_BF16 = 3, 5
-MODEL_VERSION = MODEL_VERSION_FP32
 # version -> (dtype name, bytes per parameter)
 MODEL_VERSIONS = {MODEL_VERSION_FP32: ("fp32", 4), MODEL_VERSION_BF16: ("bf16", 2)}
 DTYPE_VERSIONS = {name: version for version, (name, _) in MODEL_VERSIONS.items()}
@@ -69,7 +68,7 @@ def write_atomic(path: str | os.PathLike, chunks) -> None:
 # ---- bfloat16 ----------------------------------------------------------------------------
 def to_bf16(a) -> np.ndarray:
     """float32 values -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
-    bits = np.ascontiguousarray(a, dtype="<f4").view("<u4")
+    bits = np.asarray(a, dtype="<f4").view("<u4")
     # adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the
     # dropped half is above 0x8000, or equal to it with an odd kept half
     rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype("<u2")
