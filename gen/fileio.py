@@ -133,7 +133,7 @@ def write_model(path, spec: Spec, params: dict[str, np.ndarray], version: int = 
         if a.shape != sizes[t.name]:
             raise ValueError(f"{t.name}: shape {a.shape}, expected {sizes[t.name]}")
         a = np.ascontiguousarray(a, dtype="<f4")
-        chunks.append((a if version == MODEL_VERSION_FP32 else to_bf16(a)).tobytes())
+        chunks.append((a if version == MODEL_VERSION_FP32 else to_bf16(a)).reshape(-1).data)  # no copies
     write_atomic(path, chunks)
 
 

@@ -136,13 +136,15 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     header: dict = {"__metadata__": metadata} if metadata else {}
     arrays, offset = [], 0
     for name, a in tensors.items():
-        a = np.asarray(a, dtype="<f4").copy(order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+        a = np.asarray(a, dtype="<f4")
+        if not a.flags.c_contiguous:
+            a = a.copy(order="C")  # (ascontiguousarray would make a 0-d array 1-d)
         header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         arrays.append(a)
         offset += a.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    write_atomic(path, [len(text).to_bytes(8, "little"), text, *(a.tobytes() for a in arrays)])
+    write_atomic(path, [len(text).to_bytes(8, "little"), text, *(a.reshape(-1).data for a in arrays)])
 
 
 # ---- import ------------------------------------------------------------------------------
