@@ -13,6 +13,7 @@ from .errors import LlmgenError
 from .tensors import num_acts, num_params
 
 MIB = 1024 * 1024
+DEFAULT_SPEC = "gpt2-124m"
 
 
 class Group(click.Group):
@@ -31,22 +32,45 @@ def cli():
     """llmgen: generate readable, standalone GPT-2 training programs from a model spec."""
 
 
-def spec_options(f=None, *, default="gpt2-124m"):
-    """--spec plus the size overrides, turned into one checked Spec argument."""
-    if f is None:
+def spec_options(f=None, *, default=DEFAULT_SPEC):
+    """--spec or --spec-from, plus the size overrides, turned into one checked Spec argument.
+
+    --spec-from takes the sizes from an llm.c model checkpoint's header. Given with it, --spec
+    and the overrides must describe the same sizes (then --spec names the model); any
+    difference is an error that lists the differing fields.
+    """
+    if f is None:  # used as @spec_options(default=...)
         return functools.partial(spec_options, default=default)
 
-    @click.option("--spec", "spec_name", default=default, show_default=True,
-                  help=f"preset ({', '.join(specs.preset_names())}) or path to a TOML spec file")
+    @click.option("--spec", "spec_name", metavar="NAME",
+                  help=f"preset ({', '.join(specs.preset_names())}) or path to a TOML spec file "
+                       f"[default: {default}]")
+    @click.option("--spec-from", "spec_from", metavar="CKPT", type=click.Path(dir_okay=False),
+                  help="take the sizes from an llm.c model checkpoint (version 3 or 5); "
+                       "--spec and overrides given too must agree with it")
     @click.option("--layers", type=int, help="override: number of transformer blocks")
     @click.option("--heads", type=int, help="override: attention heads")
     @click.option("--channels", type=int, help="override: embedding channels")
     @click.option("--vocab-size", type=int, help="override: vocabulary size (padding re-derived)")
     @click.option("--max-seq-len", type=int, help="override: longest sequence")
     @functools.wraps(f)
-    def wrapper(spec_name, layers, heads, channels, vocab_size, max_seq_len, **kwargs):
-        spec = specs.load(spec_name).with_overrides(layers=layers, heads=heads, channels=channels,
-                                                    vocab_size=vocab_size, max_seq_len=max_seq_len)
+    def wrapper(spec_name, spec_from, layers, heads, channels, vocab_size, max_seq_len, **kwargs):
+        overrides = dict(layers=layers, heads=heads, channels=channels, vocab_size=vocab_size,
+                         max_seq_len=max_seq_len)
+        if spec_from is None:
+            spec = specs.load(spec_name or default).with_overrides(**overrides)
+        else:
+            from .fileio import read_model_spec
+            spec, _ = read_model_spec(spec_from)
+            given = (specs.load(spec_name) if spec_name else spec).with_overrides(**overrides)
+            diff = specs.differences(spec, given)
+            if diff:
+                flags = [f"--spec {spec_name}"] if spec_name else []
+                flags += [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None]
+                raise LlmgenError(f"{spec_from}: the checkpoint's sizes differ from {' '.join(flags)} "
+                                  f"(checkpoint vs given): {diff}")
+            if spec_name:
+                spec = given
         return f(spec=spec, **kwargs)
     return wrapper
 
@@ -234,6 +258,52 @@ def sample(checkpoint, prompt, tokens, temperature, top_k, seed, build_dir, thre
     from .run import sample as run_sample
     run_sample(checkpoint, prompt, tokens, temperature=temperature, top_k=top_k, seed=seed,
                build_dir=build_dir, threads=threads)
+
+
+@cli.command("import-hf")
+@click.argument("source", metavar="DIR_OR_FILE", type=click.Path())
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(),
+              help="the llm.c model checkpoint to write")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="checkpoint version 3 (fp32) or 5 (bf16, rounded to nearest even)")
+@click.option("--heads", type=int, help="attention heads, when there is no config.json [default: channels / 64]")
+@click.option("--padded-vocab-size", type=int,
+              help="pad the vocab to this [default: as an llmgen export recorded it, else a multiple of 128]")
+def import_hf(source, out_path, dtype, heads, padded_vocab_size):
+    """A Hugging Face GPT-2 (model.safetensors in transformers' layout, with its config.json
+    when present) to an llm.c model checkpoint; prints the spec."""
+    from .fileio import DTYPE_VERSIONS, write_model
+    from .hf import import_hf as read_hf
+    spec, params, notes = read_hf(source, heads=heads, padded_vocab_size=padded_vocab_size,
+                                  name=Path(out_path).stem)
+    version = DTYPE_VERSIONS[dtype]
+    write_model(out_path, spec, params, version)
+    for note in notes:
+        click.echo(note)
+    click.echo(f"wrote {out_path}: llm.c model checkpoint version {version} ({dtype}), "
+               f"{num_params(spec.dims):,} parameters, vocab {spec.vocab_size} padded to {spec.padded_vocab_size}")
+    click.echo(f"spec (a trainer for it: llmgen emit --spec-from {out_path}):")
+    click.echo(spec.to_toml(), nl=False)
+
+
+@cli.command("export-hf")
+@click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="dir for model.safetensors and config.json")
+def export_hf(checkpoint, out_dir):
+    """An llm.c model checkpoint to model.safetensors and config.json that transformers'
+    GPT2LMHeadModel loads; the padded vocab rows are dropped."""
+    from .fileio import MODEL_VERSIONS, read_model
+    from .hf import export_hf as write_hf
+    spec, params, version = read_model(checkpoint, with_version=True)
+    padding = params["wte"][spec.vocab_size:]
+    model, config = write_hf(spec, params, out_dir)
+    click.echo(f"read {checkpoint}: version {version} ({MODEL_VERSIONS[version][0]}), {spec.n_layer} layers, "
+               f"{spec.n_head} heads, {spec.n_embd} channels, vocab {spec.vocab_size}, max_seq_len {spec.max_seq_len}")
+    if padding.size:
+        state = "all zero" if not padding.any() else "not zero: importing back gives zeros there"
+        click.echo(f"dropped the {padding.shape[0]} padded vocab rows of wte ({state}; the model never uses them)")
+    click.echo(f"wrote {model} (float32) and {config} (GPT2LMHeadModel)")
 
 
 @cli.command()

@@ -41,6 +41,8 @@ def origin(spec: Spec) -> str:
     source = spec.source
     if source.startswith("preset "):
         return source
+    if source.startswith("checkpoint "):
+        return f"checkpoint {Path(source.removeprefix('checkpoint ')).name}"
     head, sep, rest = source.partition(" with ")
     return f"spec file {Path(head).name}{sep}{rest}"
 

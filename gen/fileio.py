@@ -1,9 +1,19 @@
 """llm.c's binary formats, read and written from Python.
 
 Model checkpoint: 256 int32 header [magic 20240326, version, maxT, V, L, NH, C, Vp, 0...],
-then the PARAMS tensors in order (version 3: float32). Token shard: 256 int32 header
-[magic 20240520, version 1, token count, 0...], then uint16 tokens.
-Every write goes to a temporary file in the same folder and is renamed into place.
+then the PARAMS tensors in order: version 3 stores them as float32, version 5 as bfloat16.
+Token shard: 256 int32 header [magic 20240520, version 1, token count, 0...], then uint16
+tokens. Every write goes to a temporary file in the same folder and is renamed into place.
+
+bfloat16 is the top half of a float32: sign, the same 8-bit exponent, 7 of the 23 fraction
+bits. Reading one back is exact (append 16 zero bits). Writing rounds to nearest, ties to
+even. For x in bfloat16's normal range (2^-126 <= |x| < 2^128 - 2^119, beyond which it
+rounds to infinity) with 2^e <= |x| < 2^(e+1), b = bf16(x) is off by at most half the
+spacing 2^(e-7) of 8 significant bits: |b - x| <= 2^(e-8) <= 2^-8 |x|, and also
+<= 2^-8 |b|, with equality at ties such as x = 1 + 2^-8, which rounds (to even) to b = 1.
+Below 2^-126 (float32 subnormals) the absolute error is at most 2^-134. Infinities stay
+infinities, a NaN stays a NaN (quiet, sign kept), signed zeros keep their sign, and finite
+values too large for bfloat16 round to infinity as IEEE rounding prescribes.
 """
 
 from __future__ import annotations
@@ -19,12 +29,17 @@ from .spec import Spec, from_dict
 from .tensors import PARAMS, num_params, param_sizes, unflatten
 
 HEADER_INTS = 256
-MODEL_MAGIC, MODEL_VERSION_FP32 = 20240326, 3
+HEADER_BYTES = HEADER_INTS * 4
+MODEL_MAGIC = 20240326
+MODEL_VERSION_FP32, MODEL_VERSION_BF16 = 3, 5
+# version -> (dtype name, bytes per parameter)
+MODEL_VERSIONS = {MODEL_VERSION_FP32: ("fp32", 4), MODEL_VERSION_BF16: ("bf16", 2)}
+DTYPE_VERSIONS = {name: version for version, (name, _) in MODEL_VERSIONS.items()}
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -38,10 +53,10 @@ def write_atomic(path: str | os.PathLike, chunks) -> None:
     except OSError as e:
         raise LlmgenError(f"{path}: cannot write ({e.strerror})") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); a plain file is not
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)
@@ -50,19 +65,54 @@ def write_atomic(path: str | os.PathLike, chunks) -> None:
         raise
 
 
-def _read_header(path: Path, magic: int, what: str) -> tuple[np.ndarray, bytes]:
+# ---- bfloat16 ----------------------------------------------------------------------------
+def to_bf16(a) -> np.ndarray:
+    """float32 values -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
+    bits = np.asarray(a, dtype="<f4").view("<u4")
+    # adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the
+    # dropped half is above 0x8000, or equal to it with an odd kept half
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype("<u2")
+    # a NaN's fraction may sit in the dropped half only (and rounding could carry into the
+    # sign): keep its sign and top bits, and set the quiet bit so it stays a NaN
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, ((bits >> 16) | np.uint32(0x0040)).astype("<u2"), rounded)
+
+
+def from_bf16(bits) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (np.asarray(bits, dtype="<u2").astype("<u4") << 16).view("<f4")
+
+
+# ---- model checkpoints -------------------------------------------------------------------
+def _file_size(path: Path, what: str) -> int:
     try:
-        data = path.read_bytes()
+        return path.stat().st_size
     except FileNotFoundError:
         raise LlmgenError(f"{path}: no such {what}") from None
     except OSError as e:
         raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
-    if len(data) < HEADER_INTS * 4:
-        raise LlmgenError(f"{path}: truncated {what}: {len(data)} bytes, shorter than its 1024-byte header")
-    header = np.frombuffer(data[:HEADER_INTS * 4], dtype="<i4")
+
+
+def _read_header(path: Path, magic: int, what: str) -> tuple[np.ndarray, int]:
+    """The 256-int header, checked for its magic, and the size of the whole file."""
+    size = _file_size(path, what)
+    if size < HEADER_BYTES:
+        raise LlmgenError(f"{path}: truncated {what}: {size} bytes, shorter than its {HEADER_BYTES}-byte header")
+    try:
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    except OSError as e:
+        raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
     if header[0] != magic:
         raise LlmgenError(f"{path}: not an llm.c {what} (magic {header[0]}, expected {magic})")
-    return header, data[HEADER_INTS * 4:]
+    return header, size
+
+
+def _read_body(path: Path, dtype: str, count: int, what: str) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=dtype, count=count, offset=HEADER_BYTES)
+    except OSError as e:
+        raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
 
 
 def model_header(spec: Spec, version: int = MODEL_VERSION_FP32) -> np.ndarray:
@@ -72,35 +122,59 @@ def model_header(spec: Spec, version: int = MODEL_VERSION_FP32) -> np.ndarray:
     return header
 
 
-def write_model(path, spec: Spec, params: dict[str, np.ndarray]) -> None:
+def write_model(path, spec: Spec, params: dict[str, np.ndarray], version: int = MODEL_VERSION_FP32) -> None:
+    """Write a model checkpoint: version 3 (float32) or 5 (bfloat16, rounded to nearest even)."""
+    if version not in MODEL_VERSIONS:
+        raise ValueError(f"model checkpoint version {version}: expected 3 (fp32) or 5 (bf16)")
     sizes = param_sizes(spec.dims)
-    chunks = [model_header(spec).tobytes()]
+    chunks = [model_header(spec, version).tobytes()]
     for t in PARAMS:
-        a = np.ascontiguousarray(params[t.name], dtype="<f4")
+        a = np.asarray(params[t.name])
         if a.shape != sizes[t.name]:
             raise ValueError(f"{t.name}: shape {a.shape}, expected {sizes[t.name]}")
-        chunks.append(a.tobytes())
+        a = np.ascontiguousarray(a, dtype="<f4")
+        chunks.append((a if version == MODEL_VERSION_FP32 else to_bf16(a)).reshape(-1).data)  # no copies
     write_atomic(path, chunks)
 
 
-def spec_from_header(header: np.ndarray, source: str) -> Spec:
-    raw = {"name": Path(source).stem, "max_seq_len": int(header[2]), "vocab_size": int(header[3]),
+def spec_from_header(header: np.ndarray, source: str, name: str | None = None) -> Spec:
+    raw = {"name": name or Path(source).stem, "max_seq_len": int(header[2]), "vocab_size": int(header[3]),
            "layers": int(header[4]), "heads": int(header[5]), "channels": int(header[6]),
            "padded_vocab_size": int(header[7])}
     return from_dict(raw, source)
 
 
-def read_model(path) -> tuple[Spec, dict[str, np.ndarray]]:
+def read_model_spec(path) -> tuple[Spec, int]:
+    """The spec and version of a model checkpoint, from its header; the file's size is checked
+    against them, but the parameters are not read."""
     path = Path(path)
-    header, body = _read_header(path, MODEL_MAGIC, "model checkpoint")
-    if header[1] != MODEL_VERSION_FP32:
-        raise LlmgenError(f"{path}: model checkpoint version {header[1]} is not supported (expected 3, fp32)")
-    spec = spec_from_header(header, str(path))
-    need = num_params(spec.dims) * 4
-    if len(body) != need:
-        raise LlmgenError(f"{path}: model checkpoint holds {len(body)} bytes of parameters, "
-                          f"its header's sizes need {need}")
-    return spec, unflatten(np.frombuffer(body, dtype="<f4").copy(), spec.dims)
+    header, size = _read_header(path, MODEL_MAGIC, "model checkpoint")
+    version = int(header[1])
+    if version not in MODEL_VERSIONS:
+        raise LlmgenError(f"{path}: model checkpoint version {version} is not supported "
+                          "(expected 3, fp32, or 5, bf16)")
+    spec = spec_from_header(header, f"checkpoint {path}", name=path.stem)
+    dtype, width = MODEL_VERSIONS[version]
+    need = num_params(spec.dims) * width
+    if size - HEADER_BYTES != need:
+        raise LlmgenError(f"{path}: model checkpoint holds {size - HEADER_BYTES} bytes of parameters, "
+                          f"its header's sizes need {need} ({dtype}, version {version})")
+    return spec, version
+
+
+def read_model(path, with_version: bool = False):
+    """(spec, params as float32 arrays), plus the version if with_version; bfloat16 is widened
+    exactly."""
+    spec, version = read_model_spec(path)
+    n = num_params(spec.dims)
+    if version == MODEL_VERSION_FP32:
+        flat = _read_body(Path(path), "<f4", n, "model checkpoint")
+    else:
+        flat = from_bf16(_read_body(Path(path), "<u2", n, "model checkpoint"))
+    if flat.size != n:  # the file changed under us
+        raise LlmgenError(f"{path}: truncated model checkpoint")
+    params = unflatten(flat, spec.dims)
+    return (spec, params, version) if with_version else (spec, params)
 
 
 def write_shard(path, tokens) -> None:
@@ -114,9 +188,10 @@ def write_shard(path, tokens) -> None:
 
 def read_shard(path) -> np.ndarray:
     path = Path(path)
-    header, body = _read_header(path, SHARD_MAGIC, "token shard")
+    header, size = _read_header(path, SHARD_MAGIC, "token shard")
     if header[1] != SHARD_VERSION:
         raise LlmgenError(f"{path}: token shard version {header[1]} is not supported (expected 1)")
-    if len(body) != 2 * int(header[2]):
-        raise LlmgenError(f"{path}: token shard header says {header[2]} tokens, file holds {len(body) // 2}")
-    return np.frombuffer(body, dtype="<u2").copy()
+    if size - HEADER_BYTES != 2 * int(header[2]):
+        raise LlmgenError(f"{path}: token shard header says {header[2]} tokens, "
+                          f"file holds {(size - HEADER_BYTES) // 2}")
+    return _read_body(path, "<u2", int(header[2]), "token shard")

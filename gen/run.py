@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from .emit import emit, make
 from .errors import LlmgenError
-from .fileio import HEADER_INTS, MODEL_MAGIC, spec_from_header
+from .fileio import read_model_spec
 from .prepare import TOKENIZER_FILE, find_sources, is_prepared, prepare
 from .spec import Spec
 from .tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2, write_c_tokenizer
@@ -47,26 +45,10 @@ def _env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def checkpoint_spec(path: str | Path) -> Spec:
-    """The spec of a model checkpoint, from its header alone."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_INTS * 4)
-    except OSError as e:
-        raise LlmgenError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
-    if len(raw) < HEADER_INTS * 4:
-        raise LlmgenError(f"{path}: truncated model checkpoint ({len(raw)} bytes, shorter than its header)")
-    header = np.frombuffer(raw, dtype="<i4")
-    if header[0] != MODEL_MAGIC:
-        raise LlmgenError(f"{path}: not an llm.c model checkpoint (magic {header[0]}, expected {MODEL_MAGIC})")
-    return spec_from_header(header, str(path))
-
-
 def sample(checkpoint: str | Path, prompt: str, tokens: int, *, temperature: float, top_k: int, seed: int,
            build_dir: str | Path | None = None, threads: int | None = None) -> None:
     """Print the prompt and `tokens` sampled tokens after it, as they come."""
-    spec = checkpoint_spec(checkpoint)
+    spec, _ = read_model_spec(checkpoint)
     _need_gpt2_vocab(spec, str(checkpoint))
     if tokens < 0 or temperature < 0 or top_k < 0:
         raise LlmgenError("-n, --temperature and --top-k must not be negative")

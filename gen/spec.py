@@ -129,6 +129,12 @@ def from_dict(raw: dict, source: str) -> Spec:
                 vocab_size=vocab, padded_vocab_size=vp, max_seq_len=raw["max_seq_len"], source=source)
 
 
+def differences(a: Spec, b: Spec) -> str:
+    """The sizes in which two specs differ, as 'layers 2 vs 3, heads 4 vs 6'; empty if none."""
+    return ", ".join(f"{key} {getattr(a, FIELDS[key][0])} vs {getattr(b, FIELDS[key][0])}"
+                     for key in INT_KEYS if getattr(a, FIELDS[key][0]) != getattr(b, FIELDS[key][0]))
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("llmgen.presets").iterdir()
                   if p.name.endswith(".toml"))

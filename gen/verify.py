@@ -63,9 +63,10 @@ def build(spec: Spec, out_dir: Path, cc: str = "gcc") -> Path:
 
 
 def run_c(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, steps: int, accum: int,
-          hp: dict, threads: int) -> dict[str, np.ndarray]:
+          hp: dict, threads: int, version: int = 3) -> dict[str, np.ndarray]:
+    """Run the harness on params written as a model checkpoint of the given version."""
     model_path, tokens_path, out_path = work / "model.bin", work / "tokens.bin", work / "out.bin"
-    write_model(model_path, spec, params)
+    write_model(model_path, spec, params, version)
     write_shard(tokens_path, tokens)
     args = [str(exe), str(model_path), str(tokens_path), str(B), str(T), str(steps), str(accum),
             repr(hp["lr"]), str(hp["warmup"]), repr(hp["final_frac"]), repr(hp["weight_decay"]),

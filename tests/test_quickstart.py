@@ -75,7 +75,7 @@ def test_sample_and_train_errors(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"\0" * 2000)
     cases = [
         (["sample", "-c", tmp_path / "tiny.bin"], "vocab 64 is not GPT-2's 50257"),
-        (["sample", "-c", tmp_path / "missing.bin"], "missing.bin: cannot read the checkpoint"),
+        (["sample", "-c", tmp_path / "missing.bin"], "missing.bin: no such model checkpoint"),
         (["sample", "-c", tmp_path / "junk.bin"], "junk.bin: not an llm.c model checkpoint"),
         (["train", "--spec", "test-tiny", "-o", tmp_path / "o"], "spec test-tiny: vocab 64 is not GPT-2's"),
         (["train", "--spec", "gpt2-tiny", "-t", 1000, "-o", tmp_path / "o"], "-t 1000: must be between 1 and"),

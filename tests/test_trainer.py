@@ -169,7 +169,8 @@ def test_bad_checkpoints(tiny_trainer, tiny_data, tmp_path):
         "truncated.bin": (data[:-8], "expected"),
         "short.bin": (data[:64], "truncated model checkpoint"),
         "magic.bin": (b"\x01" * 4 + data[4:], "not an llm.c model checkpoint"),
-        "version.bin": (data[:4] + (5).to_bytes(4, "little") + data[8:], "version 5 is not supported"),
+        "version.bin": (data[:4] + (4).to_bytes(4, "little") + data[8:], "version 4 is not supported"),
+        "fp32_as_bf16.bin": (data[:4] + (5).to_bytes(4, "little") + data[8:], "expected 58112 for version 5"),
     }
     for name, (content, message) in cases.items():
         if content is not None:
