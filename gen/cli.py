@@ -75,18 +75,30 @@ def spec_options(f=None, *, default=DEFAULT_SPEC):
     return wrapper
 
 
+def cuda_options(f):
+    """--precision and --matmul, which choose the CUDA trainer's variant."""
+    f = click.option("--matmul", type=click.Choice(["cublaslt", "tiled"]), default="cublaslt", show_default=True,
+                     help="CUDA matmuls: cuBLASLt, or a readable tiled shared-memory kernel")(f)
+    return click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+                        help="CUDA parameters and activations (bf16 keeps fp32 master weights and AdamW state)")(f)
+
+
 @cli.command()
 @spec_options
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="output dir [default: build/SPEC]")
+@click.option("--target", type=click.Choice(["c", "cuda", "all"]), default="c", show_default=True,
+              help="c: train_gpt2.c; cuda: train_gpt2.cu; all: both")
+@cuda_options
 @click.option("--build/--no-build", default=False, help="also compile it with make")
-def emit(spec, out_dir, build):
-    """Write train_gpt2.c, its test harness and a Makefile for a spec."""
+def emit(spec, out_dir, target, precision, matmul, build):
+    """Write train_gpt2.c (or .cu), its test harness and a Makefile for a spec."""
     from .emit import emit as emit_files, make
     out = Path(out_dir or Path("build") / spec.name)
-    for path in emit_files(spec, out):
+    for path in emit_files(spec, out, target, precision, matmul):
         click.echo(f"wrote {path}")
     if build:
-        click.echo(f"built {make(out)}")
+        for program in {"c": ["train_gpt2"], "cuda": ["train_gpt2cu"], "all": ["train_gpt2", "train_gpt2cu"]}[target]:
+            click.echo(f"built {make(out, program)}")
 
 
 @cli.command()
@@ -127,15 +139,18 @@ def info(spec, batch, seq_len):
 @click.option("--threads", type=int, default=2, show_default=True, help="OpenMP threads")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--build-dir", type=click.Path(file_okay=False), help="[default: build/verify-SPEC]")
-def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir):
-    """Build the emitted C and compare it with the NumPy reference."""
+@click.option("--target", type=click.Choice(["c", "cuda"]), default="c", show_default=True,
+              help="the C trainer, or the CUDA one (needs an NVIDIA GPU)")
+@cuda_options
+def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target, precision, matmul):
+    """Build the emitted C (or CUDA) and compare it with the NumPy reference."""
     from .verify import format_table, verify as run_verify
     if batch <= 0 or steps <= 0 or accum <= 0 or threads <= 0:
         raise LlmgenError("-b, --steps, --accum and --threads must be positive")
     T = seq_len or min(spec.max_seq_len, 16)
     rows = run_verify(spec, B=batch, T=T, steps=steps, accum=accum, seed=seed,
-                      build_dir=build_dir, threads=threads)
-    click.echo(format_table(spec, rows, batch, T))
+                      build_dir=build_dir, threads=threads, target=target, precision=precision, matmul=matmul)
+    click.echo(format_table(spec, rows, batch, T, target, precision))
     if not all(r.ok for r in rows):
         raise SystemExit(1)
 

@@ -99,3 +99,29 @@ def unflatten(flat: np.ndarray, dims: dict[str, int]) -> dict[str, np.ndarray]:
         out[t.name] = flat[off:off + n].reshape(t.sizes(dims))
         off += n
     return out
+
+
+# The CUDA trainer keeps the same activations with two changes: its flash attention never
+# stores the T x T matrices (preatt, att) but recomputes them in the backward pass from q, k
+# and one softmax statistic per query (att_lse), and its fused classifier turns the logits
+# into their gradient in place (no probs). In bf16 the tensors are bf16 except these, which
+# stay fp32 in both precisions:
+CUDA_FP32_ACTS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd",
+                            "att_lse", "losses"})
+
+
+def _cuda_acts() -> tuple[Tensor, ...]:
+    out = []
+    for a in ACTS:
+        if a.name in ("preatt", "att", "probs"):
+            continue
+        if a.name == "logits":
+            a = Tensor("logits", a.shape, "classifier logits; after a forward with targets, their gradient")
+        out.append(a)
+        if a.name == "atty":
+            out.append(Tensor("att_lse", ("L", "B", "NH", "T"),
+                              "attention softmax statistic: log of the sum of exp(scores) per query"))
+    return tuple(out)
+
+
+CUDA_ACTS: tuple[Tensor, ...] = _cuda_acts()

@@ -1,12 +1,14 @@
-"""Compare the emitted C trainer with the NumPy reference on the same model and data.
+"""Compare the emitted C or CUDA trainer with the NumPy reference on the same model and data.
 
-The C side is test_gpt2.c (the trainer included with TESTING defined); the reference
-runs in float64 on the same float32 parameters. Errors are normwise:
+The emitted side is test_gpt2.c or test_gpt2.cu (the trainer included with TESTING defined);
+the reference runs in float64 on the same float32 parameters (rounded to bf16 first when the
+CUDA trainer runs in bf16, so that both start from the same values). Errors are normwise:
 max |c - ref| / max |ref| over a tensor, so a tensor is judged by its largest values.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 from dataclasses import dataclass
@@ -29,6 +31,16 @@ TOL_FORWARD = 2e-5     # logits, loss
 TOL_GRAD = 1e-4        # parameter gradients after one backward
 TOL_CURVE = 1e-5       # the losses and gradient norms of the AdamW steps
 TOL_PARAMS = 2e-3      # the parameters after the AdamW steps
+
+# bf16 (CUDA): every activation is rounded to 8 significant bits (a relative error of up to
+# 2^-9, about 2e-3) after each kernel, and the gradients of activations too, so errors are a
+# few times that after a forward and about ten times that for gradients after the backward
+# through them; the parameters after AdamW steps differ by up to about lr per step where a
+# small gradient changes sign. First estimates, to be confirmed on a GPU.
+TOLERANCES = {
+    "fp32": {"forward": TOL_FORWARD, "grad": TOL_GRAD, "curve": TOL_CURVE, "params": TOL_PARAMS},
+    "bf16": {"forward": 3e-2, "grad": 5e-2, "curve": 3e-2, "params": 1e-1},
+}
 
 
 @dataclass
@@ -57,14 +69,48 @@ def verify_params(spec: Spec, seed: int) -> dict[str, np.ndarray]:
     return params
 
 
+def round_to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), kept as float32; finite values only."""
+    bits = np.ascontiguousarray(a, dtype="<f4").view("<u4")
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view("<f4").reshape(np.shape(a))
+
+
+def cuda_device_problem() -> str | None:
+    """Why no CUDA device can be used here, or None if one can: asks the driver (libcuda) itself."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return f"cannot load libcuda.so.1, the NVIDIA driver ({e})"
+
+    def error(call: str, rc: int) -> str:
+        text = ctypes.c_char_p()
+        cuda.cuGetErrorString(rc, ctypes.byref(text))
+        return f"{call} failed: {text.value.decode() if text.value else 'CUDA driver error'} ({rc})"
+
+    rc = cuda.cuInit(0)
+    if rc != 0:
+        return error("cuInit", rc)
+    count = ctypes.c_int(0)
+    rc = cuda.cuDeviceGetCount(ctypes.byref(count))
+    if rc != 0:
+        return error("cuDeviceGetCount", rc)
+    return None if count.value > 0 else "the driver sees no GPU"
+
+
 def build(spec: Spec, out_dir: Path, cc: str = "gcc") -> Path:
     emit(spec, out_dir)
     return make(out_dir, "test_gpt2", cc)
 
 
-def run_c(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, steps: int, accum: int,
-          hp: dict, threads: int, version: int = 3) -> dict[str, np.ndarray]:
-    """Run the harness on params written as a model checkpoint of the given version."""
+def build_cuda(spec: Spec, out_dir: Path, precision: str, matmul: str) -> Path:
+    emit(spec, out_dir, "cuda", precision, matmul)
+    return make(out_dir, "test_gpt2cu")
+
+
+def run_harness(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, steps: int, accum: int,
+                hp: dict, threads: int, version: int = 3) -> dict[str, np.ndarray]:
+    """Run a harness (C or CUDA) on params written as a model checkpoint of the given version."""
     model_path, tokens_path, out_path = work / "model.bin", work / "tokens.bin", work / "out.bin"
     write_model(model_path, spec, params, version)
     write_shard(tokens_path, tokens)
@@ -96,13 +142,28 @@ def run_c(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, ste
 
 
 def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum: int = 2,
-           seed: int = 0, build_dir: str | Path | None = None, threads: int = 2, cc: str = "gcc") -> list[Row]:
+           seed: int = 0, build_dir: str | Path | None = None, threads: int = 2, cc: str = "gcc",
+           target: str = "c", precision: str = "fp32", matmul: str = "cublaslt") -> list[Row]:
+    """Build the harness for target "c" or "cuda" and compare what it computes with the reference."""
     T = T or min(spec.max_seq_len, 16)
     if T > spec.max_seq_len:
         raise LlmgenError(f"-t {T} is larger than the spec's max_seq_len {spec.max_seq_len}")
-    build_dir = Path(build_dir or Path("build") / f"verify-{spec.name}")
-    exe = build(spec, build_dir, cc)
+    if target == "cuda":
+        problem = cuda_device_problem()
+        if problem is not None:
+            raise LlmgenError(f"no CUDA device: {problem}")
+        build_dir = Path(build_dir or Path("build") / f"verify-{spec.name}-cuda-{precision}-{matmul}")
+        exe = build_cuda(spec, build_dir, precision, matmul)
+        tol = TOLERANCES[precision]
+    elif target == "c":
+        build_dir = Path(build_dir or Path("build") / f"verify-{spec.name}")
+        exe = build(spec, build_dir, cc)
+        tol = TOLERANCES["fp32"]
+    else:
+        raise LlmgenError(f"target '{target}': expected c or cuda")
     params = verify_params(spec, seed)
+    if target == "cuda" and precision == "bf16":
+        params = {name: round_to_bf16(p) for name, p in params.items()}
     rng = np.random.default_rng(seed + 2)
     n_tokens = steps * accum * B * T + 1
     tokens = rng.integers(0, spec.vocab_size, n_tokens)
@@ -116,11 +177,11 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
     # a warmup, a cosine decay, weight decay, and a clip that acts on the first steps
     hp = {"lr": 1e-3, "warmup": 2, "final_frac": 0.1, "weight_decay": 0.1,
           "grad_clip": float(np.float32(0.5 * ref.grad_norm(grads)))}
-    c = run_c(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads)
-    rows = [Row("logits", rel_error(c["logits"], logits), TOL_FORWARD),
-            Row("loss", rel_error(c["loss"], [loss]), TOL_FORWARD)]
+    c = run_harness(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads)
+    rows = [Row("logits", rel_error(c["logits"], logits), tol["forward"]),
+            Row("loss", rel_error(c["loss"], [loss]), tol["forward"])]
     cgrads = unflatten(c["grads"], spec.dims)
-    rows += [Row(f"grad {t.name}", rel_error(cgrads[t.name], grads[t.name]), TOL_GRAD) for t in PARAMS]
+    rows += [Row(f"grad {t.name}", rel_error(cgrads[t.name], grads[t.name]), tol["grad"]) for t in PARAMS]
 
     m = {k: np.zeros_like(v) for k, v in p64.items()}
     v = {k: np.zeros_like(v) for k, v in p64.items()}
@@ -131,8 +192,8 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
                                         lr, hp["weight_decay"], hp["grad_clip"])
         losses.append(loss_s)
         norms.append(norm_s)
-    rows.append(Row(f"losses ({steps} steps)", rel_error(c["train"][:, 0], losses), TOL_CURVE))
-    rows.append(Row(f"grad norms ({steps} steps)", rel_error(c["train"][:, 1], norms), TOL_CURVE))
+    rows.append(Row(f"losses ({steps} steps)", rel_error(c["train"][:, 0], losses), tol["curve"]))
+    rows.append(Row(f"grad norms ({steps} steps)", rel_error(c["train"][:, 1], norms), tol["curve"]))
     cparams = unflatten(c["params"], spec.dims)
     C = spec.n_embd
     for t in PARAMS:
@@ -143,13 +204,14 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
             # row of scores), so AdamW turns float rounding noise into updates there.
             cp, rp = np.delete(cp, np.s_[C:2 * C], axis=-1), np.delete(rp, np.s_[C:2 * C], axis=-1)
             name += " (key bias excluded)"
-        rows.append(Row(name, rel_error(cp, rp), TOL_PARAMS))
+        rows.append(Row(name, rel_error(cp, rp), tol["params"]))
     return rows
 
 
-def format_table(spec: Spec, rows: list[Row], B: int, T: int) -> str:
+def format_table(spec: Spec, rows: list[Row], B: int, T: int, target: str = "c", precision: str = "fp32") -> str:
     width = max(len(r.name) for r in rows)
-    lines = [f"verify {spec.name} (B={B}, T={T}): emitted C (float32) against the NumPy reference (float64)",
+    what = "C (float32)" if target == "c" else f"CUDA ({precision})"
+    lines = [f"verify {spec.name} (B={B}, T={T}): emitted {what} against the NumPy reference (float64)",
              f"{'tensor'.ljust(width)}  max rel err  tolerance  result", "-" * (width + 33)]
     for r in rows:
         lines.append(f"{r.name.ljust(width)}  {r.error:11.3e}  {r.tol:9.0e}  {'ok' if r.ok else 'FAIL'}")

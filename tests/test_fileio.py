@@ -13,7 +13,7 @@ from llmgen import spec as specs
 from llmgen.errors import LlmgenError
 from llmgen.fileio import from_bf16, read_model, read_model_spec, to_bf16, write_model
 from llmgen.tensors import PARAMS, num_params
-from llmgen.verify import build, rel_error, run_c
+from llmgen.verify import build, rel_error, run_harness
 
 ODD = specs.load("test-odd")
 
@@ -142,8 +142,8 @@ def test_emitted_program_loads_bf16(tmp_path):
     B, T = 2, 11
     tokens = np.random.default_rng(6).integers(0, ODD.vocab_size, B * T + 1)
     hp = {"lr": 1e-3, "warmup": 0, "final_frac": 1.0, "weight_decay": 0.0, "grad_clip": 0.0}
-    c5 = run_c(exe, tmp_path, ODD, params, tokens, B, T, 1, 1, hp, threads=2, version=5)
-    c3 = run_c(exe, tmp_path, ODD, rounded, tokens, B, T, 1, 1, hp, threads=2, version=3)
+    c5 = run_harness(exe, tmp_path, ODD, params, tokens, B, T, 1, 1, hp, threads=2, version=5)
+    c3 = run_harness(exe, tmp_path, ODD, rounded, tokens, B, T, 1, 1, hp, threads=2, version=3)
     for key in c5:
         assert np.array_equal(c5[key], c3[key]), key
     p64 = {k: v.astype(np.float64) for k, v in rounded.items()}

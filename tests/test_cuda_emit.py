@@ -1,0 +1,204 @@
+"""The emitted CUDA trainer without a GPU: it is emitted for every preset, compiles and links
+warning-free for sm_80 and sm_90 in fp32 and bf16, takes the C trainer's flags, and its
+Makefile finds CUDA (a toolkit, nvcc on PATH, or pip's nvidia wheels) by itself."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmgen import spec as specs
+from llmgen.emit import emit, render, render_kernels
+
+from conftest import llmgen
+
+NVCC = shutil.which("nvcc") or (os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/nvcc")
+needs_nvcc = pytest.mark.skipif(not os.access(NVCC, os.X_OK), reason="nvcc not found (no CUDA toolkit)")
+# warnings are errors: the host compiler's and nvcc's own (cudafe, ptxas)
+WERROR = "-O3 --use_fast_math -Xcompiler -Werror --Werror all-warnings"
+KERNELS = ["encoder_forward_kernel", "encoder_backward_wpe_kernel", "encoder_backward_wte_kernel",
+           "layernorm_forward_kernel", "layernorm_backward_kernel", "layernorm_param_grads_partial_kernel",
+           "bias_backward_partial_kernel", "column_sum_finish_kernel", "matmul_tiled_kernel",
+           "attention_forward_kernel", "attention_backward_delta_kernel", "attention_backward_dq_kernel",
+           "attention_backward_dkdv_kernel", "gelu_forward_kernel", "gelu_backward_kernel",
+           "residual_forward_kernel", "classifier_kernel", "adamw_kernel", "grad_norm_partial_kernel"]
+
+
+def usage_lines(src: str) -> list[str]:
+    """The lines of the usage text in an emitted main."""
+    start = src.index('"usage: ./')
+    return src[start:src.index("exit(status);", start)].splitlines()
+
+
+@pytest.mark.parametrize("name", specs.preset_names())
+def test_every_preset_emits_cuda(name):
+    spec = specs.load(name)
+    c_src = render(spec)["train_gpt2.c"]
+    for precision in ("fp32", "bf16"):
+        for matmul in ("cublaslt", "tiled"):
+            files = render(spec, "cuda", precision, matmul)
+            assert set(files) == {"train_gpt2.cu", "test_gpt2.cu", "Makefile"}
+            src = files["train_gpt2.cu"]
+            assert src == render(specs.load(name), "cuda", precision, matmul)["train_gpt2.cu"]  # deterministic
+            assert f"#define HEAD_SIZE {spec.head_size} " in src and f"#define CHANNELS {spec.n_embd} " in src
+            assert "nvcc -O3 --use_fast_math -arch=native train_gpt2.cu -lcublas -lcublasLt -o train_gpt2cu" in src
+            for kernel in KERNELS:
+                assert f'extern "C" __global__ void {kernel}(' in src, kernel
+            assert ("typedef __nv_bfloat16 floatX;" in src) == (precision == "bf16")
+            assert ("cublasLtMatmul(" in src) == (matmul == "cublaslt")
+            assert "preatt" not in src and "acts.probs" not in src  # no T x T matrix, no probabilities
+            # the same flags and help as the C trainer, under its own name
+            assert usage_lines(src) == [line.replace("./train_gpt2 ", "./train_gpt2cu ") for line in usage_lines(c_src)]
+
+
+def test_kernels_render_alone():
+    src = render_kernels(specs.load("test-odd"), "bf16")
+    assert "typedef __nv_bfloat16 floatX;" in src and "#define HEAD_SIZE 16 " in src
+    assert "cudaCheck" not in src and "static void" not in src and "int main" not in src
+    for kernel in KERNELS:
+        assert f'extern "C" __global__ void {kernel}(' in src
+
+
+def test_c_output_does_not_depend_on_cuda_options():
+    spec = specs.load("test-odd")
+    c = render(spec)
+    both = render(spec, "all", "bf16", "tiled")
+    assert render(spec, "c", "bf16", "tiled") == c
+    assert both["train_gpt2.c"] == c["train_gpt2.c"] and both["test_gpt2.c"] == c["test_gpt2.c"]
+    assert "train_gpt2cu" not in c["Makefile"] and "train_gpt2cu" in both["Makefile"]
+
+
+def test_emit_command_targets(tmp_path):
+    for target, files in [("c", ["Makefile", "test_gpt2.c", "train_gpt2.c"]),
+                          ("cuda", ["Makefile", "test_gpt2.cu", "train_gpt2.cu"]),
+                          ("all", ["Makefile", "test_gpt2.c", "test_gpt2.cu", "train_gpt2.c", "train_gpt2.cu"])]:
+        out = tmp_path / target
+        result = llmgen("emit", "--spec", "test-tiny", "--target", target, "--precision", "bf16", "-o", out)
+        assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in out.iterdir()) == files
+    bad = llmgen("emit", "--spec", "test-tiny", "--target", "gpu", "-o", tmp_path / "x")
+    assert bad.returncode == 2 and "--target" in bad.stderr
+
+
+def make(out: Path, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", *args], cwd=out, capture_output=True, text=True, env=env)
+
+
+def build_cuda(tmp_path, name, precision, matmul, target="train_gpt2cu", arch="80 90"):
+    out = tmp_path / f"{name}-{precision}-{matmul}"
+    emit(specs.load(name), out, "cuda", precision, matmul)
+    result = make(out, target, f"GPU_ARCH={arch}", f"NVCCFLAGS={WERROR}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""  # not one warning
+    return out
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("matmul", ["cublaslt", "tiled"])
+def test_compiles_without_warnings_for_sm80_and_sm90(tmp_path, precision, matmul):
+    out = build_cuda(tmp_path, "test-odd", precision, matmul)
+    command = make(out, "-n", "-B", "train_gpt2cu", "GPU_ARCH=80 90").stdout
+    assert "-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90" in command
+    # the flags are parsed before the GPU is touched; then, here, the missing GPU is named
+    help_text = subprocess.run([str(out / "train_gpt2cu"), "-h"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: ./train_gpt2cu [options]")
+    for args, message in [(["-b", "x"], "-b: expected an integer"), (["-Z", "1"], "unknown flag -Z"),
+                          (["-t", "1000"], "between 1 and max_seq_len 24"), (["-n", "5"], "checkpoints need an output dir")]:
+        bad = subprocess.run([str(out / "train_gpt2cu"), *args], capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_gpt2_124m_bf16_and_its_harness_compile(tmp_path):
+    out = build_cuda(tmp_path, "gpt2-124m", "bf16", "cublaslt", arch="90")
+    result = make(out, "test_gpt2cu", "GPU_ARCH=80", f"NVCCFLAGS={WERROR}")
+    assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr
+
+
+@needs_nvcc
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_kernels_alone_compile_as_pycuda_does(tmp_path, precision):
+    """PyCUDA compiles a SourceModule with nvcc --cubin for the device's architecture."""
+    (tmp_path / "kernels.cu").write_text(render_kernels(specs.load("test-odd"), precision))
+    result = subprocess.run([NVCC, "--cubin", "-arch", "sm_90", "--Werror", "all-warnings", "kernels.cu"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    symbols = (tmp_path / "kernels.cubin").read_bytes().decode("latin-1")
+    for kernel in KERNELS:  # extern "C": unmangled, so that PyCUDA's get_function finds them by name
+        assert kernel + "\0" in symbols and not re.search(rf"_Z\d+{kernel}", symbols), kernel
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_the_one_command_build(tmp_path):
+    emit(specs.load("test-tiny"), tmp_path, "cuda", "bf16")
+    # without a GPU, -arch=native falls back to nvcc's default architecture (with a warning)
+    result = subprocess.run([NVCC, "-O3", "--use_fast_math", "-arch=native", "train_gpt2.cu", "-lcublas", "-lcublasLt",
+                             "-o", "train_gpt2cu"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    run = subprocess.run(["./train_gpt2cu", "-x", "1"], cwd=tmp_path, capture_output=True, text=True)
+    if run.returncode != 0:  # no GPU here: the first thing the program says is that
+        assert run.stderr.startswith("error: no CUDA device: ") or "no token shard" in run.stderr, run.stderr
+
+
+def cuda_env(**extra):
+    """The environment less anything that points at CUDA."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    env["PATH"] = "/usr/bin:/bin"
+    env.update(extra)
+    return env
+
+
+def cuda_info(out, env, *args):
+    result = make(out, "cuda-info", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    return dict(line.split(":", 1) for line in result.stdout.splitlines())
+
+
+@needs_nvcc
+def test_makefile_finds_cuda_home_then_nvcc_on_path(tmp_path):
+    emit(specs.load("test-tiny"), tmp_path, "cuda")
+    toolkit = Path(NVCC).resolve().parent.parent
+    info = cuda_info(tmp_path, cuda_env(CUDA_HOME=str(toolkit)))
+    assert info["nvcc"].strip() == f"{toolkit}/bin/nvcc" and info["link"].strip() == "-lcublasLt"
+    info = cuda_info(tmp_path, cuda_env(PATH=f"{Path(NVCC).parent}:/usr/bin:/bin"))
+    assert info["nvcc"].strip() == f"{toolkit}/bin/nvcc"  # the real folder above nvcc
+    assert info["GPU_ARCH"].split() == ["80", "90"] or shutil.which("nvidia-smi")
+    assert cuda_info(tmp_path, cuda_env(), "GPU_ARCH=90")["GPU_ARCH"].strip() == "90"
+    missing = make(tmp_path, "train_gpt2cu", env=cuda_env())
+    assert missing.returncode != 0 and "error: nvcc not found" in missing.stderr
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_makefile_finds_pip_wheels_and_links_their_versioned_library(tmp_path):
+    """A CUDA 13 wheel layout: nvidia/cu13/{bin,include,lib}, lib holding libcublasLt.so.13 only
+    (made of links into the toolkit here: only what the Makefile looks at)."""
+    toolkit = Path(NVCC).resolve().parent.parent
+    real_lib = next(p for p in sorted((toolkit / "lib64").glob("libcublasLt.so.*")) if re.fullmatch(r"libcublasLt\.so\.\d+", p.name))
+    wheels = tmp_path / "site" / "nvidia" / "cu13"
+    for sub in ("bin", "include", "lib"):
+        (wheels / sub).mkdir(parents=True)
+    (wheels / "bin" / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    for header in ("cublasLt.h", "cublas_api.h"):
+        (wheels / "include" / header).symlink_to(toolkit / "include" / header)
+    (wheels / "lib" / real_lib.name).symlink_to(real_lib)
+    out = tmp_path / "out"
+    emit(specs.load("test-tiny"), out, "cuda", "fp32")
+    env = cuda_env(PYTHONPATH=str(tmp_path / "site"), PYTHON=sys.executable)
+    info = cuda_info(out, env)
+    assert info["nvcc"].strip() == f"{wheels}/bin/nvcc"
+    assert info["cuBLAS"].strip() == str(wheels)
+    assert f"-l:{real_lib.name}" in info["link"] and f"-rpath={wheels}/lib" in info["link"]
+    # nvcc works only from a complete toolkit: build with the real one, and the wheels' cuBLASLt
+    result = make(out, "train_gpt2cu", "GPU_ARCH=80", f"NVCC={toolkit}/bin/nvcc", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dynamic = subprocess.run(["readelf", "-d", str(out / "train_gpt2cu")], capture_output=True, text=True).stdout
+    assert f"[{real_lib.name}]" in dynamic and f"{wheels}/lib" in dynamic

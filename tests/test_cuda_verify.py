@@ -1,0 +1,108 @@
+"""llmgen verify --target cuda, and the CUDA trainer run as a user runs it. Without a GPU only
+the first test runs: verify must say that there is no CUDA device, in one line."""
+
+import math
+
+import numpy as np
+import pytest
+
+from llmgen import spec as specs
+from llmgen.emit import emit, make
+from llmgen.verify import cuda_device_problem, verify
+
+from conftest import llmgen, run_trainer, step_losses
+
+PROBLEM = cuda_device_problem()
+needs_gpu = pytest.mark.skipif(PROBLEM is not None, reason=f"no CUDA device: {PROBLEM}")
+
+
+@pytest.mark.skipif(PROBLEM is None, reason="a CUDA device is present")
+def test_verify_without_a_device_says_so(tmp_path):
+    result = llmgen("verify", "--spec", "test-odd", "--target", "cuda", "--build-dir", tmp_path)
+    assert result.returncode == 1
+    assert "no CUDA device: " in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("matmul", ["cublaslt", "tiled"])
+@pytest.mark.parametrize("name, overrides, B, T", [
+    ("test-odd", {}, 2, 13),
+    ("test-tiny", {"heads": 1, "channels": 64, "layers": 3, "vocab_size": 129}, 3, 32),  # HS 64, T = max_seq_len
+])
+def test_verify_cuda_passes(tmp_path, precision, matmul, name, overrides, B, T):
+    spec = specs.load(name).with_overrides(**overrides)
+    rows = verify(spec, B=B, T=T, build_dir=tmp_path, target="cuda", precision=precision, matmul=matmul)
+    assert len(rows) == 2 + 16 + 2 + 16
+    bad = [r for r in rows if not r.ok]
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_verify_cuda_catches_a_wrong_kernel(tmp_path):
+    """A dropped digit in the GELU kernel (the tiled build: no cuBLASLt epilogue) must fail."""
+    from llmgen import verify as v
+    original = v.build_cuda
+
+    def broken_build(spec, out_dir, precision, matmul):
+        original(spec, out_dir, precision, matmul)
+        src = out_dir / "train_gpt2.cu"
+        src.write_text(src.read_text().replace("0.044715f * x * x * x", "0.04715f * x * x * x"))
+        return v.make(out_dir, "test_gpt2cu")
+
+    v.build_cuda = broken_build
+    try:
+        rows = verify(specs.load("test-tiny"), B=2, T=8, steps=2, build_dir=tmp_path, target="cuda", matmul="tiled")
+    finally:
+        v.build_cuda = original
+    assert not next(r for r in rows if r.name == "logits").ok
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def cuda_trainer(request, tmp_path_factory):
+    if PROBLEM is not None:
+        pytest.skip(f"no CUDA device: {PROBLEM}")
+    out = tmp_path_factory.mktemp(f"cuda-{request.param}")
+    emit(specs.load("test-tiny"), out, "cuda", request.param)
+    return make(out, "train_gpt2cu")
+
+
+COMMON = ["-b", 4, "-t", 16, "-v", 1000, "-s", 0, "-l", 3e-3]
+
+
+def data_args(d):
+    return ["-i", d / "train_*.bin", "-j", d / "val_*.bin"]
+
+
+@pytest.mark.gpu
+def test_cuda_loss_falls_and_logs_like_c(cuda_trainer, tiny_data, tmp_path):
+    result = run_trainer(cuda_trainer, *data_args(tiny_data), *COMMON, "-x", 60, "-v", 30, "-s", 30, "-g", 20, "-o", tmp_path)
+    losses = step_losses(result.stdout)
+    assert sorted(losses) == list(range(1, 61))
+    assert abs(losses[1] - math.log(64)) < 0.3
+    assert np.mean([losses[s] for s in range(51, 61)]) < losses[1] - 1.0
+    line = next(line for line in result.stdout.splitlines() if line.startswith("step 1/60"))
+    assert [f.strip().split()[0] for f in line.split("|")][:4] == ["step", "loss", "lr", "norm"]
+    assert "total batch 64 tokens in 1 micro-batch; 60 steps; " in result.stdout and " matmuls" in result.stdout
+    lines = result.stdout.splitlines()
+    samples = [lines[i + 1] for i, line in enumerate(lines) if line.startswith("generated token ids")]
+    assert len(samples) == 2 and all(0 <= int(x) < 64 for x in samples[0].split())
+    log = (tmp_path / "main.log").read_text().splitlines()
+    assert log[0].startswith("s:0 tel:") and sum("trl:" in line for line in log) == 60
+
+
+@pytest.mark.gpu
+def test_cuda_resume_continues_the_run(cuda_trainer, tiny_data, tmp_path):
+    full = run_trainer(cuda_trainer, *data_args(tiny_data), *COMMON, "-x", 6, "-o", tmp_path / "full")
+    run_trainer(cuda_trainer, *data_args(tiny_data), *COMMON, "-x", 6, "-n", 3, "-o", tmp_path / "part")
+    assert (tmp_path / "part" / "DONE_00000003").exists()
+    for f in (tmp_path / "part").glob("*_00000006*"):
+        f.unlink()
+    (tmp_path / "part" / "DONE_00000006").unlink(missing_ok=True)
+    resumed = run_trainer(cuda_trainer, *data_args(tiny_data), *COMMON, "-x", 6, "-y", 1, "-o", tmp_path / "part")
+    assert "resuming from step 3" in resumed.stdout
+    a, b = step_losses(full.stdout), step_losses(resumed.stdout)
+    assert sorted(b) == [4, 5, 6] and all(abs(a[s] - b[s]) < 1e-6 for s in b), (a, b)
