@@ -140,7 +140,7 @@ def train(spec: Spec, inputs: list[str], out_dir: str | Path, *, steps: int, bat
         elif line == "---":
             sample_lines = []
         elif line.startswith("generating:"):
-            echo(f"sample after {step} steps (temperature {temperature}, top-k {top_k}):")
+            echo(f"sample after {step} steps (temperature {temperature}, top-k {top_k}):\n---")
         elif line.startswith(("model ", "train ", "val ")):
             echo("  " + line)
     proc.wait()

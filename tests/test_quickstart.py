@@ -34,7 +34,7 @@ def test_train_prints_losses_and_a_sample(quickstart):
     assert "[1/3] trainer for micro" in out and "[2/3] data: 1 document" in out
     assert "step 1/6 | loss" in out and "step 6/6 | loss" in out
     assert "val loss" in out and "after 6 steps" in out
-    sample = out.split("sample after 6 steps (temperature 0.8, top-k 40):\n")[1].split("\n---\n")[0]
+    sample = out.split("sample after 6 steps (temperature 0.8, top-k 40):\n---\n")[1].split("\n---\n")[0]
     assert len(sample) > 10                      # text, not token ids
     assert "final val loss" in out and (root / "out/run/model_00000006.bin").exists()
     assert "llmgen sample --checkpoint" in out
