@@ -19,7 +19,7 @@ import numpy as np
 from . import reference as ref
 from .emit import emit, make
 from .errors import LlmgenError
-from .fileio import write_model, write_shard
+from .fileio import from_bf16, to_bf16, write_model, write_shard
 from .spec import Spec
 from .tensors import PARAMS, num_params, unflatten
 
@@ -70,10 +70,8 @@ def verify_params(spec: Spec, seed: int) -> dict[str, np.ndarray]:
 
 
 def round_to_bf16(a: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16 (ties to even), kept as float32; finite values only."""
-    bits = np.ascontiguousarray(a, dtype="<f4").view("<u4")
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return rounded.view("<f4").reshape(np.shape(a))
+    """float32 values rounded to the nearest bfloat16 (ties to even), kept as float32."""
+    return from_bf16(to_bf16(a)).reshape(np.shape(a))
 
 
 def cuda_device_problem() -> str | None:
