@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
@@ -111,6 +112,27 @@ def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir):
     click.echo(format_table(spec, rows, batch, T))
     if not all(r.ok for r in rows):
         raise SystemExit(1)
+
+
+@cli.command()
+@spec_options
+@click.option("-b", "batch", type=int, default=4, show_default=True, help="micro-batch size B")
+@click.option("-t", "seq_len", type=int, help="sequence length T [default: min(max_seq_len, 64)]")
+@click.option("--threads", type=int, help="OpenMP threads [default: all CPUs]")
+@click.option("--steps", type=int, default=10, show_default=True, help="timed steps")
+@click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="[default: BUILD_DIR/bench.json]")
+@click.option("--build-dir", type=click.Path(file_okay=False), help="[default: build/bench-SPEC]")
+def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir):
+    """Time the emitted trainer (production build) against this machine's FMA peak."""
+    from .bench import bench as run_bench, format_report, write_json
+    build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
+    result = run_bench(spec, B=batch, T=seq_len or min(spec.max_seq_len, 64), threads=threads or os.cpu_count(),
+                       steps=steps, warmup=warmup, build_dir=build_dir)
+    json_path = Path(json_path or build_dir / "bench.json")
+    write_json(json_path, result)
+    click.echo(format_report(result))
+    click.echo(f"wrote {json_path}")
 
 
 @cli.group()

@@ -105,7 +105,7 @@ def render(spec: Spec) -> dict[str, str]:
     env = _env()
     ctx = context(spec)
     return {name: env.get_template(name + ".j2").render(ctx)
-            for name in ("train_gpt2.c", "test_gpt2.c", "Makefile")}
+            for name in ("train_gpt2.c", "test_gpt2.c", "bench_gpt2.c", "Makefile")}
 
 
 def emit(spec: Spec, out_dir: str | Path) -> list[Path]:
