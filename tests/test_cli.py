@@ -5,7 +5,7 @@ import pytest
 from conftest import llmgen
 
 
-@pytest.mark.parametrize("command", [[], ["emit"], ["info"], ["verify"], ["presets"], ["data"], ["data", "synthetic"]])
+@pytest.mark.parametrize("command", [[], ["emit"], ["info"], ["verify"], ["bench"], ["presets"], ["data"], ["data", "synthetic"]])
 def test_help_on_every_command(command):
     result = llmgen(*command, "--help")
     assert result.returncode == 0 and "Usage: " in result.stdout
