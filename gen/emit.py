@@ -60,6 +60,23 @@ def _act_size_expr(shape: tuple[str, ...]) -> str:
     return "(size_t)" + " * ".join(C_DIMS[d] for d in shape)
 
 
+def matmul_sizes(spec: Spec) -> dict:
+    """Tile and block sizes of the emitted gemm (see layers/matmul.c.j2).
+
+    An 8 x 32 register tile fills 16 of the 32 AVX-512 vector registers with sums, leaving
+    room for the broadcasts of A and the loads of B. KC keeps the whole K of every forward
+    matmul (up to the MLP's 4C) in one block, so that the forward's transposed tiles are
+    stored once; only the classifier's dinp (K = Vp) and dweight with many rows take
+    several blocks. A packed block of B is at most 4 MiB, to stay in the L2/L3 caches.
+    """
+    mr, nr = 8, 32
+    kc = 4 * spec.n_embd
+    pack = max(1 << 20, kc * nr)
+    values = [mr, nr, kc, pack]
+    return {"mr": mr, "nr": nr, "kc": kc, "pack": pack, "pads": _pad([str(v) for v in values]),
+            "kc_doc": "4C, the longest K of a forward", "pack_doc": f"{pack * 4 / 2**20:g} MiB"}
+
+
 def context(spec: Spec) -> dict:
     dims = spec.dims
     L = spec.n_layer
@@ -96,6 +113,7 @@ def context(spec: Spec) -> dict:
         "acts": acts,
         "constants": [{"name": n, "value": v, "doc": d, "pad": p} for (n, v, d), p in zip(constants, cpad)],
         "layers": LAYERS,
+        "matmul": matmul_sizes(spec),
         "eot_token": spec.vocab_size - 1,
     }
 
