@@ -11,7 +11,7 @@ import click
 from . import __version__
 from . import spec as specs
 from .errors import LlmgenError
-from .tensors import num_acts, num_params
+from .tensors import num_act_grads, num_acts, num_params
 
 MIB = 1024 * 1024
 
@@ -76,10 +76,11 @@ def info(spec, batch, seq_len):
     n = num_params(dims)
     n_unpadded = num_params({**dims, "Vp": spec.vocab_size})
     acts = num_acts({**dims, "B": batch, "T": T})
+    act_grads = num_act_grads({**dims, "B": batch, "T": T})
     L, C = spec.n_layer, spec.n_embd
     flops = 6 * n + 6 * L * C * T
     rows = [("parameters", n), ("gradients", n), ("AdamW m and v", 2 * n),
-            (f"activations (B={batch}, T={T})", acts), ("activation gradients", acts)]
+            (f"activations (B={batch}, T={T})", acts), ("activation gradients", act_grads)]
     click.echo(f"{spec.name} ({spec.source})")
     click.echo(f"  {L} layers, {spec.n_head} heads of {spec.head_size}, {C} channels, "
                f"vocab {spec.vocab_size} padded to {spec.padded_vocab_size}, max_seq_len {spec.max_seq_len}")

@@ -93,7 +93,7 @@ def context(spec: Spec) -> dict:
     exprs = [_act_size_expr(a.shape) for a in ACTS]
     for a, pad, expr, epad in zip(ACTS, _pad([a.name for a in ACTS]), exprs, _pad(exprs)):
         acts.append({"name": a.name, "shape": a.shape_comment(), "doc": a.doc, "pad": pad,
-                     "size_expr": expr, "size_pad": epad, "ref": f"&a->{a.name}"})
+                     "size_expr": expr, "size_pad": epad, "ref": f"&a->{a.name}", "grad": int(a.grad)})
     constants = [
         ("NUM_LAYERS", spec.n_layer, "L: transformer blocks"),
         ("NUM_HEADS", spec.n_head, "NH: attention heads"),
