@@ -61,22 +61,39 @@ def compile_command(build_dir: Path, target: str, cc: str = "gcc") -> str:
     return lines[-1].strip()
 
 
-def _run(args: list[str], cwd: Path, threads: int, what: str) -> tuple[str, float, float]:
-    """Run a program with OMP_NUM_THREADS; returns its stdout, wall seconds and CPU seconds."""
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes of the machine have run so far (Linux /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _run(args: list[str], cwd: Path, threads: int, what: str) -> tuple[str, float | None]:
+    """Run a program with OMP_NUM_THREADS. Returns its stdout and the share of the machine's
+    CPU time that other processes took meanwhile (None where that cannot be read): timings
+    taken on a busy machine are slower, and this says how busy it was."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy_before = _busy_cpu_seconds()
     t0 = time.perf_counter()
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    busy_after = _busy_cpu_seconds()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise LlmgenError(f"{what} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return result.stdout, wall, cpu
+    ours = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    others = None
+    if busy_before is not None and busy_after is not None and wall > 0:
+        others = max(0.0, busy_after - busy_before - ours) / (wall * (os.cpu_count() or 1))
+    return result.stdout, others
 
 
 def _reference(exe: Path, args: list[str], threads: int) -> float:
-    out, _, _ = _run([str(exe), *args], exe.parent, threads, f"{exe.name} {' '.join(args)}")
+    out, _ = _run([str(exe), *args], exe.parent, threads, f"{exe.name} {' '.join(args)}")
     return float(out.split()[-1])
 
 
@@ -116,7 +133,7 @@ def bench(spec: Spec, B: int, T: int, threads: int, steps: int, warmup: int,
         write_shard(Path(tmp) / "train_000000.bin", tokens)
         args = [str(exe.resolve()), "-i", str(Path(tmp) / "train_*.bin"), "-b", str(B), "-t", str(T),
                 "-x", str(total_steps), "-v", "0", "-s", "0"]
-        out, wall, cpu = _run(args, Path(tmp), threads, f"{exe}")
+        out, others = _run(args, Path(tmp), threads, f"{exe}")
     timed = {}
     for line in out.splitlines():
         m = STEP_LINE.match(line)
@@ -135,7 +152,7 @@ def bench(spec: Spec, B: int, T: int, threads: int, steps: int, warmup: int,
         "spec": spec.name, "B": B, "T": T, "threads": threads, "steps": steps, "warmup": warmup,
         "compile": flags,
         "cpu": _cpu_name(), "cpus": os.cpu_count(), "load_average_before": load_before,
-        "cpu_share": cpu / (wall * threads),
+        "other_load": others,
         "step_ms": step, "tokens_per_s": tok_s, "step_ms_all": ms,
         "losses": [timed[s][0] for s in range(1, total_steps + 1)],
         "flops_per_token": flops, "gflop_per_step": flops["total"] * tokens_per_step / 1e9,
@@ -153,7 +170,8 @@ def format_report(r: dict) -> str:
         f"{r['steps']} steps after {r['warmup']} warm-up",
         f"build:     {r['compile']}",
         f"machine:   {r['cpus']} CPUs ({r['cpu']}), load average {r['load_average_before']:.2f} before; "
-        f"the trainer had {100 * r['cpu_share']:.0f}% of {r['threads']} threads' CPU time",
+        + ("other processes' load not known" if r["other_load"] is None else
+           f"other processes used {100 * r['other_load']:.0f}% of the CPU time during the run"),
         f"step:      median {s['median']:,.1f} ms (min {s['min']:,.1f}, max {s['max']:,.1f})",
         f"tokens/s:  median {t['median']:,.1f} (min {t['min']:,.1f}, max {t['max']:,.1f})",
         f"FLOPs:     {f['total'] / 1e6:,.1f} M per token (matmuls {f['matmul'] / 1e6:,.1f} M = 6 x weights, "

@@ -27,7 +27,7 @@ def test_bench_reports_sane_fields(tmp_path):
     assert r["peak_gflops"] > 0 and r["sgemm_gflops"] > 0
     assert abs(r["mfu"] - r["achieved_gflops"] / r["peak_gflops"]) < 1e-12
     assert "-march=native" in r["compile"] and "train_gpt2.c" in r["compile"]
-    assert 0 < r["cpu_share"] <= 1.5
+    assert r["other_load"] is None or 0 <= r["other_load"] <= 1
     for field in ["step:", "tokens/s:", "achieved:", "peak:", "MFU:", "build:"]:
         assert field in result.stdout
     assert f"wrote {out}" in result.stdout
