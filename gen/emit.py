@@ -63,17 +63,18 @@ def _act_size_expr(shape: tuple[str, ...]) -> str:
 def matmul_sizes(spec: Spec) -> dict:
     """Tile and block sizes of the emitted gemm (see layers/matmul.c.j2).
 
-    An 8 x 32 register tile fills 16 of the 32 AVX-512 vector registers with sums, leaving
-    room for the broadcasts of A and the loads of B. KC keeps the whole K of every forward
-    matmul (up to the MLP's 4C) in one block, so that the forward's transposed tiles are
-    stored once; only the classifier's dinp (K = Vp) and dweight with many rows take
-    several blocks. A packed block of B is at most 4 MiB, to stay in the L2/L3 caches.
+    Register tiles (rows x columns of C): with AVX-512, 8 x 32 fills 16 of the 32 vector
+    registers (16 floats each) with sums, leaving room for the broadcasts of A and the
+    loads of B; with AVX2's 16 registers of 8 floats, 4 x 24 takes 12 of them. KC keeps the
+    whole K of every forward matmul (up to the MLP's 4C) in one block, so that the forward's
+    transposed tiles are stored once; only the classifier's dinp (K = Vp) and dweight with
+    many rows take several blocks. A packed block of B is at most 4 MiB, to stay in the L2
+    and L3 caches.
     """
-    mr, nr = 8, 32
+    avx512, avx2 = (8, 32), (4, 24)
     kc = 4 * spec.n_embd
-    pack = max(1 << 20, kc * nr)
-    values = [mr, nr, kc, pack]
-    return {"mr": mr, "nr": nr, "kc": kc, "pack": pack, "pads": _pad([str(v) for v in values]),
+    pack = max(1 << 20, kc * avx512[1])
+    return {"avx512": avx512, "avx2": avx2, "kc": kc, "pack": pack,
             "kc_doc": "4C, the longest K of a forward", "pack_doc": f"{pack * 4 / 2**20:g} MiB"}
 
 
