@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ import click
 from . import __version__
 from . import spec as specs
 from .errors import LlmgenError
-from .tensors import num_acts, num_params
+from .tensors import num_act_grads, num_acts, num_params
 
 MIB = 1024 * 1024
 DEFAULT_SPEC = "gpt2-124m"
@@ -114,10 +115,11 @@ def info(spec, batch, seq_len):
     n = num_params(dims)
     n_unpadded = num_params({**dims, "Vp": spec.vocab_size})
     acts = num_acts({**dims, "B": batch, "T": T})
+    act_grads = num_act_grads({**dims, "B": batch, "T": T})
     L, C = spec.n_layer, spec.n_embd
     flops = 6 * n + 6 * L * C * T
     rows = [("parameters", n), ("gradients", n), ("AdamW m and v", 2 * n),
-            (f"activations (B={batch}, T={T})", acts), ("activation gradients", acts)]
+            (f"activations (B={batch}, T={T})", acts), ("activation gradients", act_grads)]
     click.echo(f"{spec.name} ({spec.source})")
     click.echo(f"  {L} layers, {spec.n_head} heads of {spec.head_size}, {C} channels, "
                f"vocab {spec.vocab_size} padded to {spec.padded_vocab_size}, max_seq_len {spec.max_seq_len}")
@@ -153,6 +155,27 @@ def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target,
     click.echo(format_table(spec, rows, batch, T, target, precision))
     if not all(r.ok for r in rows):
         raise SystemExit(1)
+
+
+@cli.command()
+@spec_options
+@click.option("-b", "batch", type=int, default=4, show_default=True, help="micro-batch size B")
+@click.option("-t", "seq_len", type=int, help="sequence length T [default: min(max_seq_len, 64)]")
+@click.option("--threads", type=int, help="OpenMP threads [default: all CPUs]")
+@click.option("--steps", type=int, default=10, show_default=True, help="timed steps")
+@click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="[default: BUILD_DIR/bench.json]")
+@click.option("--build-dir", type=click.Path(file_okay=False), help="[default: build/bench-SPEC]")
+def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir):
+    """Time the emitted trainer (production build) against this machine's FMA peak."""
+    from .bench import bench as run_bench, format_report, write_json
+    build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
+    result = run_bench(spec, B=batch, T=seq_len or min(spec.max_seq_len, 64), threads=threads or os.cpu_count(),
+                       steps=steps, warmup=warmup, build_dir=build_dir)
+    json_path = Path(json_path or build_dir / "bench.json")
+    write_json(json_path, result)
+    click.echo(format_report(result))
+    click.echo(f"wrote {json_path}")
 
 
 @cli.group()

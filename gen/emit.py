@@ -69,6 +69,24 @@ def _act_size_expr(shape: tuple[str, ...]) -> str:
     return "(size_t)" + " * ".join(C_DIMS[d] for d in shape)
 
 
+def matmul_sizes(spec: Spec) -> dict:
+    """Tile and block sizes of the emitted gemm (see layers/matmul.c.j2).
+
+    Register tiles (rows x columns of C): with AVX-512, 8 x 32 fills 16 of the 32 vector
+    registers (16 floats each) with sums, leaving room for the broadcasts of A and the
+    loads of B; with AVX2's 16 registers of 8 floats, 4 x 24 takes 12 of them. KC keeps the
+    whole K of every forward matmul (up to the MLP's 4C) in one block, so that the forward's
+    transposed tiles are stored once; only the classifier's dinp (K = Vp) and dweight with
+    many rows take several blocks. A packed block of B is at most 4 MiB, to stay in the L2
+    and L3 caches.
+    """
+    avx512, avx2 = (8, 32), (4, 24)
+    kc = 4 * spec.n_embd
+    pack = max(1 << 20, kc * avx512[1])
+    return {"avx512": avx512, "avx2": avx2, "kc": kc, "pack": pack,
+            "kc_doc": "4C, the longest K of a forward", "pack_doc": f"{pack * 4 / 2**20:g} MiB"}
+
+
 def context(spec: Spec) -> dict:
     dims = spec.dims
     L = spec.n_layer
@@ -85,7 +103,7 @@ def context(spec: Spec) -> dict:
     exprs = [_act_size_expr(a.shape) for a in ACTS]
     for a, pad, expr, epad in zip(ACTS, _pad([a.name for a in ACTS]), exprs, _pad(exprs)):
         acts.append({"name": a.name, "shape": a.shape_comment(), "doc": a.doc, "pad": pad,
-                     "size_expr": expr, "size_pad": epad, "ref": f"&a->{a.name}"})
+                     "size_expr": expr, "size_pad": epad, "ref": f"&a->{a.name}", "grad": int(a.grad)})
     constants = [
         ("NUM_LAYERS", spec.n_layer, "L: transformer blocks"),
         ("NUM_HEADS", spec.n_head, "NH: attention heads"),
@@ -105,6 +123,7 @@ def context(spec: Spec) -> dict:
         "acts": acts,
         "constants": [{"name": n, "value": v, "doc": d, "pad": p} for (n, v, d), p in zip(constants, cpad)],
         "layers": LAYERS,
+        "gemm": matmul_sizes(spec),
         "eot_token": spec.vocab_size - 1,
         "cuda": False,
         "program": "train_gpt2",
@@ -174,7 +193,8 @@ def render(spec: Spec, target: str = "c", precision: str = "fp32", matmul: str =
     files = {}
     if target in ("c", "all"):
         ctx = context(spec)
-        files.update((name, env.get_template(name + ".j2").render(ctx)) for name in ("train_gpt2.c", "test_gpt2.c"))
+        files.update((name, env.get_template(name + ".j2").render(ctx))
+                     for name in ("train_gpt2.c", "test_gpt2.c", "bench_gpt2.c"))
     cctx = cuda_context(spec, precision, matmul)
     if target in ("cuda", "all"):
         files.update((name, env.get_template("cuda/" + name + ".j2").render(cctx))

@@ -2,7 +2,8 @@
 
 PARAMS is in llm.c's checkpoint order. It drives the C struct and pointer table, the
 checkpoint reader and writer, the random init, weight decay, and the NumPy reference.
-ACTS is the activation list of the C program, in the order of its one activation buffer.
+ACTS is the activation list of the C program, in the order of its one activation buffer;
+those with `grad` also have a gradient, in a second buffer of the same order.
 Shapes are tuples of symbolic dimension names (see Spec.dims, plus B and T for activations).
 """
 
@@ -20,6 +21,7 @@ class Tensor:
     doc: str
     init: str = ""      # params only: "normal", "residual" (scaled by 1/sqrt(2L)), "ones", "zeros"
     decay: bool = False  # params only: AdamW weight decay applies (the 2-D weight matrices)
+    grad: bool = True    # acts only: the C backward keeps a gradient buffer for it
 
     def sizes(self, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(dims[d] for d in self.shape)
@@ -55,8 +57,8 @@ A = Tensor
 ACTS: tuple[Tensor, ...] = (
     A("encoded", ("B", "T", "C"), "token + position embedding"),
     A("ln1", ("L", "B", "T", "C"), "layernorm 1 output"),
-    A("ln1_mean", ("L", "B", "T"), "layernorm 1 mean"),
-    A("ln1_rstd", ("L", "B", "T"), "layernorm 1 reciprocal standard deviation"),
+    A("ln1_mean", ("L", "B", "T"), "layernorm 1 mean", grad=False),
+    A("ln1_rstd", ("L", "B", "T"), "layernorm 1 reciprocal standard deviation", grad=False),
     A("qkv", ("L", "B", "T", "3C"), "q, k, v for every position"),
     A("atty", ("L", "B", "T", "C"), "attention output, heads concatenated"),
     A("preatt", ("L", "B", "NH", "T", "T"), "attention scores before softmax"),
@@ -64,18 +66,18 @@ ACTS: tuple[Tensor, ...] = (
     A("attproj", ("L", "B", "T", "C"), "attention output projection"),
     A("residual2", ("L", "B", "T", "C"), "residual stream after attention"),
     A("ln2", ("L", "B", "T", "C"), "layernorm 2 output"),
-    A("ln2_mean", ("L", "B", "T"), "layernorm 2 mean"),
-    A("ln2_rstd", ("L", "B", "T"), "layernorm 2 reciprocal standard deviation"),
+    A("ln2_mean", ("L", "B", "T"), "layernorm 2 mean", grad=False),
+    A("ln2_rstd", ("L", "B", "T"), "layernorm 2 reciprocal standard deviation", grad=False),
     A("fch", ("L", "B", "T", "4C"), "MLP hidden pre-activation"),
     A("fch_gelu", ("L", "B", "T", "4C"), "MLP hidden after GELU"),
     A("fcproj", ("L", "B", "T", "C"), "MLP output projection"),
     A("residual3", ("L", "B", "T", "C"), "residual stream after the MLP"),
     A("lnf", ("B", "T", "C"), "final layernorm output"),
-    A("lnf_mean", ("B", "T"), "final layernorm mean"),
-    A("lnf_rstd", ("B", "T"), "final layernorm reciprocal standard deviation"),
-    A("logits", ("B", "T", "Vp"), "classifier logits"),
-    A("probs", ("B", "T", "Vp"), "softmax of the logits"),
-    A("losses", ("B", "T"), "cross-entropy loss at each position"),
+    A("lnf_mean", ("B", "T"), "final layernorm mean", grad=False),
+    A("lnf_rstd", ("B", "T"), "final layernorm reciprocal standard deviation", grad=False),
+    A("logits", ("B", "T", "Vp"), "classifier logits", grad=False),
+    A("probs", ("B", "T", "Vp"), "softmax of the logits; the backward overwrites it with dlogits", grad=False),
+    A("losses", ("B", "T"), "cross-entropy loss at each position", grad=False),
 )
 
 
@@ -89,6 +91,11 @@ def num_params(dims: dict[str, int]) -> int:
 
 def num_acts(dims: dict[str, int]) -> int:
     return sum(t.numel(dims) for t in ACTS)
+
+
+def num_act_grads(dims: dict[str, int]) -> int:
+    """Floats of the activation gradients the C backward keeps (ACTS with grad)."""
+    return sum(t.numel(dims) for t in ACTS if t.grad)
 
 
 def unflatten(flat: np.ndarray, dims: dict[str, int]) -> dict[str, np.ndarray]:

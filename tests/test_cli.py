@@ -5,7 +5,8 @@ import pytest
 from conftest import llmgen
 
 
-@pytest.mark.parametrize("command", [[], ["emit"], ["info"], ["verify"], ["presets"], ["data"], ["data", "synthetic"],
+@pytest.mark.parametrize("command", [[], ["emit"], ["info"], ["verify"], ["bench"], ["presets"], ["train"], ["sample"],
+                                     ["data"], ["data", "synthetic"], ["data", "prepare"], ["data", "tokenizer"],
                                      ["import-hf"], ["export-hf"]])
 def test_help_on_every_command(command):
     result = llmgen(*command, "--help")

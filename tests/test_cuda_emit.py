@@ -73,9 +73,9 @@ def test_c_output_does_not_depend_on_cuda_options():
 
 
 def test_emit_command_targets(tmp_path):
-    for target, files in [("c", ["Makefile", "test_gpt2.c", "train_gpt2.c"]),
+    for target, files in [("c", ["Makefile", "bench_gpt2.c", "test_gpt2.c", "train_gpt2.c"]),
                           ("cuda", ["Makefile", "test_gpt2.cu", "train_gpt2.cu"]),
-                          ("all", ["Makefile", "test_gpt2.c", "test_gpt2.cu", "train_gpt2.c", "train_gpt2.cu"])]:
+                          ("all", ["Makefile", "bench_gpt2.c", "test_gpt2.c", "test_gpt2.cu", "train_gpt2.c", "train_gpt2.cu"])]:
         out = tmp_path / target
         result = llmgen("emit", "--spec", "test-tiny", "--target", target, "--precision", "bf16", "-o", out)
         assert result.returncode == 0, result.stderr

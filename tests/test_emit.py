@@ -46,7 +46,7 @@ def test_emit_command_writes_files_and_rewrites_nothing_unchanged(tmp_path):
     result = llmgen("emit", "--spec", "test-tiny", "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["Makefile", "test_gpt2.c", "train_gpt2.c"]
+    assert files == ["Makefile", "bench_gpt2.c", "test_gpt2.c", "train_gpt2.c"]
     before = (tmp_path / "out" / "train_gpt2.c").stat().st_mtime_ns
     assert llmgen("emit", "--spec", "test-tiny", "-o", tmp_path / "out").returncode == 0
     assert (tmp_path / "out" / "train_gpt2.c").stat().st_mtime_ns == before
@@ -77,4 +77,4 @@ def test_builds_without_warnings_with_and_without_openmp(tmp_path, name):
 def test_every_preset_renders():
     for name in specs.preset_names():
         files = render(specs.load(name))
-        assert set(files) == {"train_gpt2.c", "test_gpt2.c", "Makefile"}
+        assert set(files) == {"train_gpt2.c", "test_gpt2.c", "bench_gpt2.c", "Makefile"}

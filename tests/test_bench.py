@@ -1,0 +1,46 @@
+"""llmgen bench: it builds, runs and reports sane figures (the speed itself is not tested)."""
+
+import json
+
+from llmgen import spec as specs
+from llmgen.bench import flops_per_token
+
+from conftest import llmgen
+
+
+def test_bench_reports_sane_fields(tmp_path):
+    out = tmp_path / "figures.json"
+    result = llmgen("bench", "--spec", "test-tiny", "-b", 2, "-t", 16, "--threads", 2, "--steps", 3,
+                    "--warmup", 1, "--json", out, "--build-dir", tmp_path / "build")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert (r["spec"], r["B"], r["T"], r["threads"], r["steps"], r["warmup"]) == ("test-tiny", 2, 16, 2, 3, 1)
+    assert len(r["step_ms_all"]) == 3 and len(r["losses"]) == 4
+    s, t = r["step_ms"], r["tokens_per_s"]
+    assert 0 < s["min"] <= s["median"] <= s["max"]
+    assert abs(t["median"] - 32 / (s["median"] / 1e3)) < 1e-6 * t["median"]
+    assert t["min"] <= t["median"] <= t["max"]
+    # test-tiny: 2 layers, 32 channels, vocab 64 (not padded)
+    assert r["flops_per_token"] == {"matmul": 6 * (2 * 12 * 32 * 32 + 64 * 32), "attention": 6 * 2 * 32 * 17,
+                                    "total": 6 * (2 * 12 * 32 * 32 + 64 * 32) + 6 * 2 * 32 * 17}
+    assert abs(r["achieved_gflops"] - r["flops_per_token"]["total"] * t["median"] / 1e9) < 1e-9
+    assert r["peak_gflops"] > 0 and r["sgemm_gflops"] > 0
+    assert abs(r["mfu"] - r["achieved_gflops"] / r["peak_gflops"]) < 1e-12
+    assert "-march=native" in r["compile"] and "train_gpt2.c" in r["compile"]
+    assert r["other_load"] is None or 0 <= r["other_load"] <= 1
+    for field in ["step:", "tokens/s:", "achieved:", "peak:", "MFU:", "build:"]:
+        assert field in result.stdout
+    assert f"wrote {out}" in result.stdout
+
+
+def test_flops_for_gpt2_124m():
+    f = flops_per_token(specs.load("gpt2-124m"), 64)
+    assert f["matmul"] == 6 * (12 * 12 * 768 * 768 + 50304 * 768)
+    assert 190e9 < f["total"] * 256 < 191e9  # about 190.7 GFLOP per step at B=4, T=64
+
+
+def test_bench_refuses_bad_sizes(tmp_path):
+    bad = llmgen("bench", "--spec", "test-tiny", "-t", 33, "--build-dir", tmp_path)
+    assert bad.returncode == 1 and "max_seq_len 32" in bad.stderr and "Traceback" not in bad.stderr
+    bad = llmgen("bench", "--spec", "test-tiny", "--steps", 0, "--build-dir", tmp_path)
+    assert bad.returncode == 1 and "--steps" in bad.stderr
