@@ -93,7 +93,7 @@ def _run(args: list[str], cwd: Path, threads: int, what: str) -> tuple[str, floa
 
 
 def _reference(exe: Path, args: list[str], threads: int) -> float:
-    out, _ = _run([str(exe), *args], exe.parent, threads, f"{exe.name} {' '.join(args)}")
+    out, _ = _run([str(exe.resolve()), *args], exe.parent, threads, f"{exe.name} {' '.join(args)}")
     return float(out.split()[-1])
 
 

@@ -11,7 +11,7 @@ from conftest import llmgen
 def test_bench_reports_sane_fields(tmp_path):
     out = tmp_path / "figures.json"
     result = llmgen("bench", "--spec", "test-tiny", "-b", 2, "-t", 16, "--threads", 2, "--steps", 3,
-                    "--warmup", 1, "--json", out, "--build-dir", tmp_path / "build")
+                    "--warmup", 1, "--json", out, "--build-dir", "build", cwd=tmp_path)  # a relative dir
     assert result.returncode == 0, result.stderr
     r = json.loads(out.read_text())
     assert (r["spec"], r["B"], r["T"], r["threads"], r["steps"], r["warmup"]) == ("test-tiny", 2, 16, 2, 3, 1)
