@@ -250,14 +250,14 @@ def tokenizer(out_path):
 @spec_options(default="gpt2-tiny")
 @click.option("--data", "inputs", multiple=True, default=["shakespeare"], show_default=True,
               help="text file or folder to train on (repeat for more); `shakespeare` ships with llmgen")
-@click.option("--steps", type=int, default=200, show_default=True, help="optimizer steps")
+@click.option("--steps", type=int, default=700, show_default=True, help="optimizer steps")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="build/quickstart",
               show_default=True, help="dir for the trainer, the data, the log and the checkpoint")
 @click.option("-b", "batch", type=int, default=8, show_default=True, help="batch size B")
 @click.option("-t", "seq_len", type=int, default=64, show_default=True, help="sequence length T")
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="peak learning rate (cosine decay to 10%)")
 @click.option("--warmup", type=int, default=20, show_default=True, help="learning rate warmup steps")
-@click.option("--val-every", type=int, default=100, show_default=True, help="val loss every this many steps")
+@click.option("--val-every", type=int, default=175, show_default=True, help="val loss every this many steps")
 @click.option("--sample-tokens", type=int, default=200, show_default=True, help="tokens in the final sample")
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--top-k", type=int, default=40, show_default=True)
