@@ -11,6 +11,7 @@ import click
 from . import __version__
 from . import spec as specs
 from .errors import LlmgenError
+from .prepare import SHARD_TOKENS, VAL_FRACTION
 from .tensors import num_act_grads, num_acts, num_params
 
 MIB = 1024 * 1024
@@ -212,9 +213,9 @@ def synthetic(spec, out_dir, tokens, val_tokens, seed):
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", type=click.Path(), default="build/data",
               show_default=True, help="output dir for the shards")
-@click.option("--val-fraction", type=float, help="share of the tokens for val  [default: 0.1]")
+@click.option("--val-fraction", type=float, help=f"share of the tokens for val  [default: {VAL_FRACTION}]")
 @click.option("--val-tokens", type=int, help="val tokens, instead of a fraction")
-@click.option("--shard-tokens", type=int, default=100_000_000, show_default=True, help="most tokens per shard")
+@click.option("--shard-tokens", type=int, default=SHARD_TOKENS, show_default=True, help="most tokens per shard")
 @click.option("--encoding-errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True,
               help="text that is not UTF-8: an error, or replaced by U+FFFD")
 @click.option("--threads", type=int, help="tokenizer threads  [default: the cores, at most 8]")

@@ -27,6 +27,8 @@ from .tokenizer import EOT_TOKEN, RANKS_SHA256, data_file, gpt2, write_c_tokeniz
 EMBEDDED = {"shakespeare": "shakespeare.txt"}   # names that mean a corpus shipped with llmgen
 CHUNK_CHARS = 1 << 20         # long documents are tokenized in chunks of about this many characters
 PROGRESS_BYTES = 16 << 20     # show a progress bar from this much input on
+VAL_FRACTION = 0.1            # the default split, when neither a fraction nor a count is given
+SHARD_TOKENS = 100_000_000    # the default most tokens per shard, as llm.c's FineWeb shards
 TOKENIZER_FILE = "gpt2_tokenizer.bin"
 MANIFEST_FILE = "prepare.json"
 
@@ -199,14 +201,14 @@ def _check_writable(out: Path) -> None:
 
 
 def prepare(inputs: list[str], out_dir: str | Path, *, val_fraction: float | None = None,
-            val_tokens: int | None = None, shard_tokens: int = 100_000_000, errors: str = "strict",
+            val_tokens: int | None = None, shard_tokens: int = SHARD_TOKENS, errors: str = "strict",
             threads: int | None = None, progress: bool = True) -> Prepared:
     """Tokenize the inputs into DIR/train_NNNNNN.bin and DIR/val_NNNNNN.bin (llm.c shards),
     and write DIR/gpt2_tokenizer.bin (for the trainer's -T) and DIR/prepare.json."""
     if val_fraction is not None and val_tokens is not None:
         raise LlmgenError("give a val fraction or a val token count, not both")
     if val_fraction is None and val_tokens is None:
-        val_fraction = 0.1
+        val_fraction = VAL_FRACTION
     if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
         raise LlmgenError(f"--val-fraction {val_fraction}: must be at least 0 and below 1")
     if val_tokens is not None and val_tokens < 0:
@@ -250,7 +252,7 @@ def prepare(inputs: list[str], out_dir: str | Path, *, val_fraction: float | Non
             stale.unlink()
     write_c_tokenizer(out / TOKENIZER_FILE)
     manifest = {"inputs": [s.stat() for s in sources], "val_fraction": val_fraction, "val_tokens": val_tokens,
-                "shard_tokens": shard_tokens, "encoding_errors": errors, "tokenizer_sha256": RANKS_SHA256,
+                "shard_tokens": shard_tokens, "errors": errors, "tokenizer_sha256": RANKS_SHA256,
                 "documents": result.documents, "train_tokens": n_train, "val_tokens_written": n_val,
                 "shards": [p.name for p in result.shards]}
     write_atomic(out / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
@@ -259,7 +261,8 @@ def prepare(inputs: list[str], out_dir: str | Path, *, val_fraction: float | Non
 
 def is_prepared(inputs: list[str], out_dir: str | Path, **settings) -> bool:
     """Whether out_dir holds shards prepared from these very inputs (same sizes and times)
-    with these settings, so that preparing again would write the same files."""
+    with these settings (prepare's keyword arguments), so that preparing again would write
+    the same files."""
     out = Path(out_dir)
     try:
         manifest = json.loads((out / MANIFEST_FILE).read_text())

@@ -18,7 +18,7 @@ from typing import Callable
 from .emit import emit, make
 from .errors import LlmgenError
 from .fileio import read_model_spec
-from .prepare import TOKENIZER_FILE, find_sources, is_prepared, prepare
+from .prepare import SHARD_TOKENS, TOKENIZER_FILE, VAL_FRACTION, find_sources, is_prepared, prepare
 from .spec import Spec
 from .tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2, write_c_tokenizer
 
@@ -97,11 +97,11 @@ def train(spec: Spec, inputs: list[str], out_dir: str | Path, *, steps: int, bat
     exe = build_trainer(spec, trainer_dir)
 
     data_dir = out / "data"
-    settings = {"val_fraction": 0.1, "val_tokens": None, "shard_tokens": 100_000_000, "encoding_errors": "strict"}
+    settings = {"val_fraction": VAL_FRACTION, "val_tokens": None, "shard_tokens": SHARD_TOKENS, "errors": "strict"}
     if is_prepared(inputs, data_dir, **settings):
         echo(f"[2/3] data: reusing {data_dir} (prepared from {', '.join(inputs)})")
     else:
-        r = prepare(inputs, data_dir, val_fraction=0.1, threads=threads)
+        r = prepare(inputs, data_dir, threads=threads, **settings)
         echo(f"[2/3] data: {r.documents:,} document{'s' if r.documents != 1 else ''}, {r.tokens:,} tokens "
              f"({r.train_tokens:,} train, {r.val_tokens:,} val) in {data_dir}")
 
