@@ -355,5 +355,26 @@ def presets():
                    f"vocab {s.vocab_size:>5}  max_seq_len {s.max_seq_len:>4}  {n / 1e6:8.2f}M parameters")
 
 
+@cli.command()
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path())
+@click.option("--log-scale", is_flag=True, help="logarithmic loss axes")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              help="dir for report.html and report.png  [default: the first RUN_DIR]")
+def report(run_dirs, log_scale, out_dir):
+    """Plot training runs from their main.log: report.png and a self-contained report.html.
+
+    Loss against step and tokens, learning rate, gradient norm and speed, with a table of
+    figures. Several RUN_DIRs are overlaid, one colour each. Needs matplotlib
+    (pip install "llmgen[report]").
+    """
+    from .report import summary_line, write_report
+    r = write_report(run_dirs, out_dir, log_scale=log_scale)
+    for note in r.notes:
+        click.echo(f"note: {note}")
+    for s in r.summaries:
+        click.echo(summary_line(s))
+    click.echo(f"wrote {r.html} and {r.png}")
+
+
 def main():
     cli()
