@@ -278,6 +278,12 @@ def train(spec, inputs, steps, out_dir, batch, seq_len, lr, warmup, val_every, s
                   val_every=val_every, threads=threads, echo=click.echo)
     val = f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else "n/a"
     click.echo(f"done in {r.seconds:.0f} s: final val loss {val}; checkpoint {r.checkpoint}")
+    if r.report is not None:
+        click.echo(f"report: {r.report}")
+    else:
+        from .report import INSTALL_HINT, have_matplotlib
+        if not have_matplotlib():
+            click.echo(f"report: {INSTALL_HINT} for plots of this run (then: llmgen report {r.checkpoint.parent})")
     click.echo(f"more text: llmgen sample --checkpoint {r.checkpoint} --prompt \"ROMEO:\"")
 
 

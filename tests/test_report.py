@@ -243,6 +243,46 @@ def test_labels_tell_runs_apart(tmp_path):
     assert report.labels_for(["."]) == [Path.cwd().name]
 
 
+MICRO = """name = "micro"
+layers = 1
+heads = 2
+channels = 16
+vocab_size = 50257
+max_seq_len = 32
+"""
+
+
+def test_train_writes_the_report_of_its_run(tmp_path):
+    from llmgen import spec as specs
+    from llmgen.run import train
+    from llmgen.tokenizer import data_file
+    (tmp_path / "micro.toml").write_text(MICRO)
+    (tmp_path / "text.txt").write_text(data_file("shakespeare.txt").read_text()[:5_000])
+    out = tmp_path / "out"
+    settings = dict(steps=4, batch=2, seq_len=16, lr=1e-3, warmup=0, sample_tokens=0, temperature=1.0, top_k=0,
+                    seed=0, val_every=2, threads=2)
+    r = train(specs.load(str(tmp_path / "micro.toml")), [str(tmp_path / "text.txt")], out, echo=lambda _: None,
+              **settings)
+    assert r.report == out / "run/report.html" and png_size((out / "run/report.png").read_bytes()) == (1200, 900)
+    assert "<td>run</td><td>4</td>" in r.report.read_text()
+    args = ["train", "--spec", tmp_path / "micro.toml", "--data", tmp_path / "text.txt", "--steps", 4, "-b", 2,
+            "-t", 16, "--val-every", 2, "--sample-tokens", 0, "--threads", 2, "-o", out]
+    lines = CliRunner().invoke(cli, list(map(str, args))).output.splitlines()
+    done = next(i for i, line in enumerate(lines) if line.startswith("done in "))
+    assert lines[done + 1] == f"report: {out / 'run/report.html'}"
+    # without matplotlib: no report, and a hint how to get one
+    (out / "run/report.html").unlink()
+    code = ("import sys; sys.modules['matplotlib'] = None; from llmgen.cli import main; "
+            f"sys.argv = ['llmgen', *{list(map(str, args))!r}]; main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    done = next(i for i, line in enumerate(lines) if line.startswith("done in "))
+    assert lines[done + 1] == f'report: pip install "llmgen[report]" for plots of this run ' \
+                              f'(then: llmgen report {out / "run"})'
+    assert not (out / "run/report.html").exists()
+
+
 def test_help():
     r = CliRunner().invoke(cli, ["report", "--help"])
     assert r.exit_code == 0 and "Usage: cli report [OPTIONS] RUN_DIR..." in r.output and "--log-scale" in r.output
