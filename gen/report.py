@@ -10,7 +10,7 @@ s is the step (from 0: a train line's loss is that of step s's batch, measured b
 step's update, and a val line at s is measured after s updates, so both describe the model
 after s steps), tel the val loss, trl the train loss, lr the learning rate, norm the gradient
 norm, ms the step's time in milliseconds, tok_s its tokens per second, and tokens the tokens
-trained so far including this step. Every line needs s; any other subset of the keys may be
+trained so far including this step (a whole number). Every line needs s; any other subset of the keys may be
 there (old llmgen logs and llm.c's own have neither ms, tok_s nor tokens); keys not listed
 here (such as llm.c's eval:) are ignored, and a line with neither trl nor tel says nothing
 to the report. Blank lines are skipped. A line that is not key:value fields, or has no s, or
@@ -20,17 +20,20 @@ it is dropped (even when it reads as fields, since its last number may be cut sh
 the report notes it. A resumed run appends to the log and may repeat steps: for each step
 the last train line (and the last val line) wins.
 
-The report of one or more runs is report.png and report.html. The PNG is WIDTH_PX x
+The report of one or more runs is report.png and report.html, written (each atomically)
+into the first run dir, or -o OUT_DIR. The PNG is WIDTH_PX x
 HEIGHT_PX = 1200 x 900 pixels (a 12 x 9 inch figure at 100 dpi), six panels: train (solid)
 and val (dashed, dots) loss against step; the same against tokens trained (each loss at the
 tokens the model had trained on when it was measured: the tokens of step s-1, 0 at step 0,
 interpolated where a step's line is missing), or a note that the log has no token counts;
 learning rate, gradient norm, tok/s and ms per step against step. --log-scale makes the two
 loss axes logarithmic. Several runs are overlaid, one colour per run, labelled by their
-dirs' names (with parent dirs where two names are the same). The HTML is self-contained: a table of figures per run (steps trained, i.e. the
-last train step + 1; final train loss; best and final val loss with their steps; median
-ms/step and tok/s and the total tokens, where the log has them) and the PNG, embedded as a
-base64 data: URI.
+dirs' names (with parent dirs where two names are the same).
+
+The HTML is self-contained: a table of figures per run (steps trained, i.e. the last train
+step + 1; final train loss; best and final val loss with their steps; median ms/step and
+tok/s and the total tokens, where the log has them), notes on what was tolerated, and the
+PNG, embedded as a base64 data: URI.
 
 matplotlib is an optional extra (pip install "llmgen[report]"), imported only when a report
 is drawn, with the Agg backend and no pyplot.
@@ -59,8 +62,17 @@ WIDTH_PX, HEIGHT_PX = 1200, 900
 INSTALL_HINT = 'pip install "llmgen[report]"'
 NEED_MATPLOTLIB = f"llmgen report needs matplotlib: {INSTALL_HINT}"
 
+
+def _count(value: str) -> int:
+    """A whole number, also when written as one (6656, 6656.0 or 6.656e3)."""
+    v = float(value)
+    if not v.is_integer():
+        raise ValueError(f"{value} is not a whole number")
+    return int(v)
+
+
 # the keys the report reads, and how their values parse; any other key is ignored
-KEYS = {"s": int, "trl": float, "tel": float, "lr": float, "norm": float, "ms": float, "tok_s": float, "tokens": int}
+KEYS = {"s": int, "trl": float, "tel": float, "lr": float, "norm": float, "ms": float, "tok_s": float, "tokens": _count}
 TRAIN_KEYS = ("trl", "lr", "norm", "ms", "tok_s", "tokens")  # the fields a train line carries
 FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):(\S+)$")
 
@@ -113,6 +125,7 @@ def _number(key: str, value: str) -> float:
     if key in ("s", "tokens") and v < 0:
         raise ValueError(f"{key} must not be negative")
     return v
+
 
 
 def parse(text: str, source: str | Path = LOG_FILE) -> RunLog:
@@ -302,7 +315,8 @@ def render_png(logs: list[RunLog], labels: list[str], *, log_scale: bool = False
 
     what = {"tokens": "token counts", "lr": "learning rates", "norm": "gradient norms", "tok_s": "tok/s",
             "ms": "step times"}
-    panels = ((by_step, None, "loss", "step", "loss"), (by_tokens, "tokens", "loss against tokens", "tokens trained", "loss"),
+    panels = ((by_step, None, "loss", "step", "loss"),
+              (by_tokens, "tokens", "loss against tokens", "tokens trained", "loss"),
               (lr, "lr", "learning rate", "step", "lr"), (norm, "norm", "gradient norm", "step", "norm"),
               (tok_s, "tok_s", "throughput", "step", "tok/s"), (ms, "ms", "step time", "step", "ms"))
     for ax, key, title, xlabel, ylabel in panels:

@@ -90,7 +90,8 @@ def test_parse_llmc_format():
 
 
 def test_tokens_interpolated_between_logged_steps():
-    log = report.parse("s:0 trl:2 tokens:100\ns:1 trl:2\ns:2 trl:2\ns:3 trl:2 tokens:400\n")
+    log = report.parse("s:0 trl:2 tokens:100\ns:1 trl:2\ns:2 trl:2\ns:3 trl:2 tokens:4e2\n")
+    assert log.series("tokens") == ([0, 3], [100, 400]) and isinstance(log.train[3]["tokens"], int)
     assert log.tokens_before([0, 1, 2, 3, 4, 5]) == [0, 100, 200, 300, 400, None]
 
 
@@ -113,7 +114,7 @@ def test_truncated_last_line_is_dropped_with_a_note():
 
 
 @pytest.mark.parametrize("bad", ["garbage here", "trl:1.0 lr:0.1", "s:x trl:1.0", "s:1 trl:abc", "s:1.5 trl:2",
-                                 "s:-1 trl:2", "s:1 trl: 2", "s:1 :2", "step 1/10 | loss 2.0"])
+                                 "s:-1 trl:2", "s:1 trl:2 tokens:1.5", "s:1 trl: 2", "s:1 :2", "step 1/10 | loss 2.0"])
 def test_garbage_line_is_an_error_naming_file_and_line(bad):
     with pytest.raises(LlmgenError, match=r"^run/main.log: line 3 is not a log line like 's:12 trl:5.43") as e:
         report.parse(OLD.replace("s:1 trl:10.2 lr:0.000200 norm:3.1", bad), "run/main.log")
@@ -180,7 +181,8 @@ def test_two_runs_overlaid_in_one_report(runs, tmp_path):
     r = cli_report(tmp_path / "a/run", tmp_path / "b/run", "-o", tmp_path / "out")
     assert r.exit_code == 0, r.output
     page = (tmp_path / "out/report.html").read_text()
-    assert "<td>a/run</td>" in page and "<td>b/run</td>" in page and "<th>median tok/s</th>" in page and "<td>1,536</td>" in page
+    assert "<td>a/run</td>" in page and "<td>b/run</td>" in page
+    assert "<th>median tok/s</th>" in page and "<td>1,536</td>" in page
     assert png_size((tmp_path / "out/report.png").read_bytes()) == (1200, 900)
 
 
