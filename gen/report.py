@@ -412,7 +412,7 @@ def write_report(run_dirs, out_dir: str | Path | None = None, *, log_scale: bool
     notes = [n for log in logs for n in log.notes]
     png = render_png(logs, labels, log_scale=log_scale)
     out = Path(out_dir) if out_dir is not None else run_dirs[0]
-    page = render_html(summaries, [log.path for log in logs], png, notes)
+    page = render_html(summaries, [log.path.resolve() for log in logs], png, notes)
     write_atomic(out / PNG_FILE, [png])
     write_atomic(out / HTML_FILE, [page.encode("utf-8")])
     return Report(html=out / HTML_FILE, png=out / PNG_FILE, summaries=summaries, notes=notes)
