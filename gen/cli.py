@@ -278,6 +278,12 @@ def train(spec, inputs, steps, out_dir, batch, seq_len, lr, warmup, val_every, s
                   val_every=val_every, threads=threads, echo=click.echo)
     val = f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else "n/a"
     click.echo(f"done in {r.seconds:.0f} s: final val loss {val}; checkpoint {r.checkpoint}")
+    if r.report is not None:
+        click.echo(f"report: {r.report}")
+    else:
+        from .report import INSTALL_HINT, have_matplotlib
+        if not have_matplotlib():
+            click.echo(f"report: {INSTALL_HINT} for plots of this run (then: llmgen report {r.checkpoint.parent})")
     click.echo(f"more text: llmgen sample --checkpoint {r.checkpoint} --prompt \"ROMEO:\"")
 
 
@@ -353,6 +359,27 @@ def presets():
         n = num_params(s.dims)
         click.echo(f"{name:<12} layers {s.n_layer:>2}  heads {s.n_head:>2}  channels {s.n_embd:>4}  "
                    f"vocab {s.vocab_size:>5}  max_seq_len {s.max_seq_len:>4}  {n / 1e6:8.2f}M parameters")
+
+
+@cli.command()
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path())
+@click.option("--log-scale", is_flag=True, help="logarithmic loss axes")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              help="dir for report.html and report.png  [default: the first RUN_DIR]")
+def report(run_dirs, log_scale, out_dir):
+    """Plot training runs from their main.log: report.png and a self-contained report.html.
+
+    Loss against step and tokens, learning rate, gradient norm and speed, with a table of
+    figures. Several RUN_DIRs are overlaid, one colour each. Needs matplotlib
+    (pip install "llmgen[report]").
+    """
+    from .report import summary_line, write_report
+    r = write_report(run_dirs, out_dir, log_scale=log_scale)
+    for note in r.notes:
+        click.echo(f"note: {note}")
+    for s in r.summaries:
+        click.echo(summary_line(s))
+    click.echo(f"wrote {r.html} and {r.png}")
 
 
 def main():

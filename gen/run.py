@@ -76,6 +76,7 @@ class TrainResult:
     final_train_loss: float | None
     checkpoint: Path
     sample: str
+    report: Path | None = None  # run_dir/report.html, None without matplotlib
 
 
 def train(spec: Spec, inputs: list[str], out_dir: str | Path, *, steps: int, batch: int, seq_len: int,
@@ -147,5 +148,12 @@ def train(spec: Spec, inputs: list[str], out_dir: str | Path, *, steps: int, bat
     if proc.returncode != 0:
         err = proc.stderr.read().strip()
         raise LlmgenError(f"training failed: {err.splitlines()[-1] if err else f'exit status {proc.returncode}'}")
+    from .report import have_matplotlib, write_report
+    report = None
+    if have_matplotlib():
+        try:
+            report = write_report([run_dir]).html
+        except LlmgenError as e:  # the run itself is done: say why, and keep its results
+            echo(f"report not written: {e}")
     return TrainResult(seconds=time.perf_counter() - t0, final_val_loss=val_loss, final_train_loss=train_loss,
-                       checkpoint=run_dir / f"model_{steps:08d}.bin", sample=sample_text)
+                       checkpoint=run_dir / f"model_{steps:08d}.bin", sample=sample_text, report=report)
