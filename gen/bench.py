@@ -5,7 +5,7 @@ run for warm-up plus N steps on synthetic token shards; its own per-step timings
 from its output. In the same run, bench_gpt2 (emitted with the trainer, same flags) measures
 the machine's FMA peak and the trainer's matmul on a 2048^3 problem, for reference.
 
-FLOPs are counted from the spec (flops_per_token), in the usual way for MFU: the matmuls and
+FLOPs are counted from the spec (spec.flops_per_token), in the usual way for MFU: the matmuls and
 the attention, forward and backward; elementwise work (layernorm, GELU, softmax, residuals,
 AdamW) is not counted.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -25,30 +24,11 @@ from pathlib import Path
 from .emit import emit, make
 from .errors import LlmgenError
 from .fileio import write_atomic, write_shard
-from .spec import Spec
+from . import trainer_output
+from .spec import Spec, flops_per_token
 from .synthetic import markov_tokens
 
 SGEMM_SIZE = 2048  # the square matmul the trainer's own matmul_forward is timed on
-STEP_LINE = re.compile(r"^step (\d+)/\d+ \| loss (\S+) \| .* \| ([\d.]+) ms \| ")
-
-
-def flops_per_token(spec: Spec, T: int) -> dict[str, int]:
-    """Training FLOPs per token (forward and backward) at sequence length T.
-
-    matmul: a weight matrix used as x @ W^T costs 2 FLOPs (a multiply and an add) per weight
-      per token forward, and 4 backward (dinp and dweight): 6 per weight per token. The matmul
-      weights are, per layer, qkvw 3C*C + attprojw C*C + fcw 4C*C + fcprojw 4C*C = 12 C^2, and
-      the tied classifier wte, Vp*C (the trainer computes the padded rows too):
-          matmul = 6 * (L * 12 C^2 + Vp * C)
-    attention: causal, so position t scores t + 1 keys; q.k and att @ v each cost 2*C*(t+1)
-      FLOPs per layer forward. Averaged over t = 0..T-1 that is 2*C*(T+1) per token, and
-      backward twice that:
-          attention = 6 * L * C * (T + 1)
-    """
-    L, C, Vp = spec.n_layer, spec.n_embd, spec.padded_vocab_size
-    matmul = 6 * (L * 12 * C * C + Vp * C)
-    attention = 6 * L * C * (T + 1)
-    return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
 
 def compile_command(build_dir: Path, target: str, cc: str = "gcc") -> str:
@@ -134,11 +114,7 @@ def bench(spec: Spec, B: int, T: int, threads: int, steps: int, warmup: int,
         args = [str(exe.resolve()), "-i", str(Path(tmp) / "train_*.bin"), "-b", str(B), "-t", str(T),
                 "-x", str(total_steps), "-v", "0", "-s", "0"]
         out, others = _run(args, Path(tmp), threads, f"{exe}")
-    timed = {}
-    for line in out.splitlines():
-        m = STEP_LINE.match(line)
-        if m:
-            timed[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    timed = {n: (s.loss, s.ms) for n, s in trainer_output.steps(out).items()}
     if sorted(timed) != list(range(1, total_steps + 1)):
         raise LlmgenError(f"{exe}: expected {total_steps} step lines in its output, got:\n{out}")
     ms = [timed[s][1] for s in range(warmup + 1, total_steps + 1)]

@@ -1,37 +1,66 @@
-"""The llmgen command line."""
+"""The llmgen command line. Commands are listed in the order of a workflow: train and sample
+first (the quickstart), then the data, the emitted program, checking and timing it, and moving
+weights in and out."""
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
 from . import spec as specs
+from .enums import Matmul, Precision, Target
 from .errors import LlmgenError
 from .prepare import SHARD_TOKENS, VAL_FRACTION
-from .tensors import num_act_grads, num_acts, num_params
+from .tensors import num_acts, num_params
 
 MIB = 1024 * 1024
 DEFAULT_SPEC = "gpt2-124m"
+POSITIVE = click.IntRange(min=1)
+NOT_NEGATIVE = click.IntRange(min=0)
+COMMAND_ORDER = ("train", "sample", "data", "emit", "info", "presets", "verify", "bench", "report",
+                 "import-hf", "export-hf")
+
+
+class UserError(click.ClickException):
+    """A user mistake, shown as one `error: ...` line."""
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
 
 
 class Group(click.Group):
-    """Turns a user mistake (LlmgenError) into one line on stderr and exit status 1."""
+    """Lists its commands in workflow order (COMMAND_ORDER), and turns a user mistake
+    (LlmgenError) into one `error:` line on stderr and exit status 1."""
+
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LlmgenError as e:
-            raise click.ClickException(str(e)) from None
+            raise UserError(str(e)) from None
+
+
+def _preset_help() -> str:
+    return ", ".join(specs.preset_names(tests=False))
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmgen")
 def cli():
-    """llmgen: generate readable, standalone GPT-2 training programs from a model spec."""
+    """llmgen: generate readable, standalone GPT-2 training programs in C and CUDA from a
+    model spec, and train them.
+
+    Start here: llmgen train (a small GPT-2 on Shakespeare, on this machine's CPU, in about
+    two minutes).
+    """
 
 
 def spec_options(f=None, *, default=DEFAULT_SPEC):
@@ -45,16 +74,15 @@ def spec_options(f=None, *, default=DEFAULT_SPEC):
         return functools.partial(spec_options, default=default)
 
     @click.option("--spec", "spec_name", metavar="NAME",
-                  help=f"preset ({', '.join(specs.preset_names())}) or path to a TOML spec file "
-                       f"[default: {default}]")
+                  help=f"preset ({_preset_help()}) or path to a TOML spec file  [default: {default}]")
     @click.option("--spec-from", "spec_from", metavar="CKPT", type=click.Path(dir_okay=False),
                   help="take the sizes from an llm.c model checkpoint (version 3 or 5); "
                        "--spec and overrides given too must agree with it")
-    @click.option("--layers", type=int, help="override: number of transformer blocks")
-    @click.option("--heads", type=int, help="override: attention heads")
-    @click.option("--channels", type=int, help="override: embedding channels")
-    @click.option("--vocab-size", type=int, help="override: vocabulary size (padding re-derived)")
-    @click.option("--max-seq-len", type=int, help="override: longest sequence")
+    @click.option("--layers", type=POSITIVE, help="override: number of transformer blocks")
+    @click.option("--heads", type=POSITIVE, help="override: attention heads")
+    @click.option("--channels", type=POSITIVE, help="override: embedding channels")
+    @click.option("--vocab-size", type=POSITIVE, help="override: vocabulary size (padding re-derived)")
+    @click.option("--max-seq-len", type=POSITIVE, help="override: longest sequence")
     @functools.wraps(f)
     def wrapper(spec_name, spec_from, layers, heads, channels, vocab_size, max_seq_len, **kwargs):
         overrides = dict(layers=layers, heads=heads, channels=channels, vocab_size=vocab_size,
@@ -79,191 +107,33 @@ def spec_options(f=None, *, default=DEFAULT_SPEC):
 
 def cuda_options(f):
     """--precision and --matmul, which choose the CUDA trainer's variant."""
-    f = click.option("--matmul", type=click.Choice(["cublaslt", "tiled"]), default="cublaslt", show_default=True,
-                     help="CUDA matmuls: cuBLASLt, or a readable tiled shared-memory kernel")(f)
-    return click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+    f = click.option("--matmul", type=click.Choice(Matmul.values()), default=Matmul.CUBLASLT.value,
+                     show_default=True, help="CUDA matmuls: cuBLASLt, or a readable tiled shared-memory kernel")(f)
+    return click.option("--precision", type=click.Choice(Precision.values()), default=Precision.FP32.value,
+                        show_default=True,
                         help="CUDA parameters and activations (bf16 keeps fp32 master weights and AdamW state)")(f)
 
 
-@cli.command()
-@spec_options
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="output dir [default: build/SPEC]")
-@click.option("--target", type=click.Choice(["c", "cuda", "all"]), default="c", show_default=True,
-              help="c: train_gpt2.c; cuda: train_gpt2.cu; all: both")
-@cuda_options
-@click.option("--build/--no-build", default=False, help="also compile it with make")
-def emit(spec, out_dir, target, precision, matmul, build):
-    """Write train_gpt2.c (or .cu), its test harness and a Makefile for a spec."""
-    from .emit import emit as emit_files, make
-    out = Path(out_dir or Path("build") / spec.name)
-    for path in emit_files(spec, out, target, precision, matmul):
-        click.echo(f"wrote {path}")
-    if build:
-        for program in {"c": ["train_gpt2"], "cuda": ["train_gpt2cu"], "all": ["train_gpt2", "train_gpt2cu"]}[target]:
-            click.echo(f"built {make(out, program)}")
-
-
-@cli.command()
-@spec_options
-@click.option("-b", "batch", type=int, default=4, show_default=True, help="micro-batch size B")
-@click.option("-t", "seq_len", type=int, help="sequence length T [default: the spec's max_seq_len]")
-def info(spec, batch, seq_len):
-    """Parameter count, memory and FLOPs of a spec."""
-    T = seq_len or spec.max_seq_len
-    if batch <= 0 or T <= 0 or T > spec.max_seq_len:
-        raise LlmgenError(f"-b {batch} -t {T}: need B >= 1 and 1 <= T <= max_seq_len {spec.max_seq_len}")
-    dims = spec.dims
-    n = num_params(dims)
-    n_unpadded = num_params({**dims, "Vp": spec.vocab_size})
-    acts = num_acts({**dims, "B": batch, "T": T})
-    act_grads = num_act_grads({**dims, "B": batch, "T": T})
-    L, C = spec.n_layer, spec.n_embd
-    flops = 6 * n + 6 * L * C * T
-    rows = [("parameters", n), ("gradients", n), ("AdamW m and v", 2 * n),
-            (f"activations (B={batch}, T={T})", acts), ("activation gradients", act_grads)]
-    click.echo(f"{spec.name} ({spec.source})")
-    click.echo(f"  {L} layers, {spec.n_head} heads of {spec.head_size}, {C} channels, "
-               f"vocab {spec.vocab_size} padded to {spec.padded_vocab_size}, max_seq_len {spec.max_seq_len}")
-    click.echo(f"parameters: {n_unpadded:,} ({n:,} with the padded vocab)")
-    click.echo("memory of the C trainer (fp32):")
-    for name, floats in rows:
-        click.echo(f"  {name:<32} {floats * 4 / MIB:>12,.1f} MiB")
-    click.echo(f"  {'total':<32} {sum(f for _, f in rows) * 4 / MIB:>12,.1f} MiB")
-    click.echo(f"training FLOPs per token: {flops:,} (6N + 6LCT at T={T}; "
-               f"{flops * batch * T / 1e9:,.1f} GFLOP per step of B*T tokens)")
-
-
-@cli.command()
-@spec_options
-@click.option("-b", "batch", type=int, default=2, show_default=True, help="micro-batch size B")
-@click.option("-t", "seq_len", type=int, help="sequence length T [default: min(max_seq_len, 16)]")
-@click.option("--steps", type=int, default=10, show_default=True, help="AdamW steps to compare")
-@click.option("--accum", type=int, default=2, show_default=True, help="micro-batches per step")
-@click.option("--threads", type=int, default=2, show_default=True, help="OpenMP threads")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--build-dir", type=click.Path(file_okay=False), help="[default: build/verify-SPEC]")
-@click.option("--target", type=click.Choice(["c", "cuda"]), default="c", show_default=True,
-              help="the C trainer, or the CUDA one (needs an NVIDIA GPU)")
-@cuda_options
-def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target, precision, matmul):
-    """Build the emitted C (or CUDA) and compare it with the NumPy reference."""
-    from .verify import format_table, verify as run_verify
-    if batch <= 0 or steps <= 0 or accum <= 0 or threads <= 0:
-        raise LlmgenError("-b, --steps, --accum and --threads must be positive")
-    T = seq_len or min(spec.max_seq_len, 16)
-    rows = run_verify(spec, B=batch, T=T, steps=steps, accum=accum, seed=seed,
-                      build_dir=build_dir, threads=threads, target=target, precision=precision, matmul=matmul)
-    click.echo(format_table(spec, rows, batch, T, target, precision))
-    if not all(r.ok for r in rows):
-        raise SystemExit(1)
-
-
-@cli.command()
-@spec_options
-@click.option("-b", "batch", type=int, default=4, show_default=True, help="micro-batch size B")
-@click.option("-t", "seq_len", type=int, help="sequence length T [default: min(max_seq_len, 64)]")
-@click.option("--threads", type=int, help="OpenMP threads [default: all CPUs]")
-@click.option("--steps", type=int, default=10, show_default=True, help="timed steps")
-@click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="[default: BUILD_DIR/bench.json]")
-@click.option("--build-dir", type=click.Path(file_okay=False), help="[default: build/bench-SPEC]")
-def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir):
-    """Time the emitted trainer (production build) against this machine's FMA peak."""
-    from .bench import bench as run_bench, format_report, write_json
-    build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
-    result = run_bench(spec, B=batch, T=seq_len or min(spec.max_seq_len, 64), threads=threads or os.cpu_count(),
-                       steps=steps, warmup=warmup, build_dir=build_dir)
-    json_path = Path(json_path or build_dir / "bench.json")
-    write_json(json_path, result)
-    click.echo(format_report(result))
-    click.echo(f"wrote {json_path}")
-
-
-@cli.group()
-def data():
-    """Make token shards in llm.c's format."""
-
-
-@data.command()
-@spec_options
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="build/data-synthetic",
-              show_default=True)
-@click.option("--tokens", type=int, default=200_000, show_default=True, help="train tokens")
-@click.option("--val-tokens", type=int, default=20_000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def synthetic(spec, out_dir, tokens, val_tokens, seed):
-    """Learnable synthetic text: a random sparse Markov chain over the spec's vocab.
-
-    Writes train_000000.bin and val_000000.bin. A model that learns the chain's
-    transitions gets its loss from ln(V) down towards the chain's entropy, which is printed.
-    """
-    from .synthetic import markov_tokens
-    from .fileio import write_shard
-    if tokens <= 0 or val_tokens <= 0:
-        raise LlmgenError("--tokens and --val-tokens must be positive")
-    train, val, entropy = markov_tokens(spec.vocab_size, tokens, val_tokens, seed)
-    out = Path(out_dir)
-    write_shard(out / "train_000000.bin", train)
-    write_shard(out / "val_000000.bin", val)
-    click.echo(f"wrote {out / 'train_000000.bin'} ({tokens:,} tokens) and {out / 'val_000000.bin'} "
-               f"({val_tokens:,} tokens); chain entropy {entropy:.3f} nats/token")
-
-
-@data.command()
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--out", "out_dir", type=click.Path(), default="build/data",
-              show_default=True, help="output dir for the shards")
-@click.option("--val-fraction", type=float, help=f"share of the tokens for val  [default: {VAL_FRACTION}]")
-@click.option("--val-tokens", type=int, help="val tokens, instead of a fraction")
-@click.option("--shard-tokens", type=int, default=SHARD_TOKENS, show_default=True, help="most tokens per shard")
-@click.option("--encoding-errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True,
-              help="text that is not UTF-8: an error, or replaced by U+FFFD")
-@click.option("--threads", type=int, help="tokenizer threads  [default: the cores, at most 8]")
-def prepare(inputs, out_dir, val_fraction, val_tokens, shard_tokens, encoding_errors, threads):
-    """Tokenize text files or folders into llm.c token shards.
-
-    INPUTS are text files, folders of them, or `shakespeare` for the corpus that ships
-    with llmgen. Each file is a document, started by <|endoftext|>. The first tokens go to
-    val_000000.bin..., the rest to train_000000.bin...; gpt2_tokenizer.bin (for the
-    trainer's -T flag) is written beside them.
-    """
-    from .prepare import prepare as run_prepare
-    if threads is not None and threads <= 0:
-        raise LlmgenError(f"--threads {threads}: must be positive")
-    r = run_prepare(list(inputs), out_dir, val_fraction=val_fraction, val_tokens=val_tokens,
-                    shard_tokens=shard_tokens, errors=encoding_errors, threads=threads)
-    click.echo(f"{r.documents:,} document{'s' if r.documents != 1 else ''}, {r.input_bytes / MIB:,.1f} MiB of text: "
-               f"{r.tokens:,} tokens ({r.train_tokens:,} train, {r.val_tokens:,} val) in {len(r.shards)} "
-               f"shard{'s' if len(r.shards) != 1 else ''} in {out_dir}")
-    click.echo(f"tokenized at {r.rate / 1e6:,.2f}M tokens/s ({r.threads} threads)")
-
-
-@data.command()
-@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default="gpt2_tokenizer.bin",
-              show_default=True)
-def tokenizer(out_path):
-    """Write GPT-2's tokenizer in llm.c's format, for the trainer's -T flag."""
-    from .tokenizer import write_c_tokenizer
-    click.echo(f"wrote {write_c_tokenizer(out_path)}")
-
-
-@cli.command()
+# ---- the quickstart ---------------------------------------------------------------------
+@cli.command(short_help="Start here: train a small GPT-2 on text, print what it writes.")
 @spec_options(default="gpt2-tiny")
 @click.option("--data", "inputs", multiple=True, default=["shakespeare"], show_default=True,
               help="text file or folder to train on (repeat for more); `shakespeare` ships with llmgen")
-@click.option("--steps", type=int, default=700, show_default=True, help="optimizer steps")
+@click.option("--steps", type=POSITIVE, default=700, show_default=True, help="optimizer steps")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="build/quickstart",
               show_default=True, help="dir for the trainer, the data, the log and the checkpoint")
-@click.option("-b", "batch", type=int, default=8, show_default=True, help="batch size B")
-@click.option("-t", "seq_len", type=int, default=64, show_default=True, help="sequence length T")
-@click.option("--lr", type=float, default=2e-3, show_default=True, help="peak learning rate (cosine decay to 10%)")
-@click.option("--warmup", type=int, default=20, show_default=True, help="learning rate warmup steps")
-@click.option("--val-every", type=int, default=175, show_default=True, help="val loss every this many steps")
-@click.option("--sample-tokens", type=int, default=200, show_default=True, help="tokens in the final sample")
-@click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--threads", type=int, help="OpenMP threads  [default: all cores]")
+@click.option("-b", "batch", type=POSITIVE, default=8, show_default=True, help="batch size B")
+@click.option("-t", "seq_len", type=POSITIVE, default=64, show_default=True, help="sequence length T")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True,
+              help="peak learning rate (cosine decay to 10%)")
+@click.option("--warmup", type=NOT_NEGATIVE, default=20, show_default=True, help="learning rate warmup steps")
+@click.option("--val-every", type=POSITIVE, default=175, show_default=True, help="val loss every this many steps")
+@click.option("--sample-tokens", type=NOT_NEGATIVE, default=200, show_default=True, help="tokens in the final sample")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="sampling temperature; 0: always the most likely token")
+@click.option("--top-k", type=NOT_NEGATIVE, default=40, show_default=True, help="sample from the top k tokens (0: all)")
+@click.option("--seed", type=int, default=42, show_default=True, help="random seed (init and sampler)")
+@click.option("--threads", type=POSITIVE, help="OpenMP threads  [default: all cores]")
 def train(spec, inputs, steps, out_dir, batch, seq_len, lr, warmup, val_every, sample_tokens, temperature,
           top_k, seed, threads):
     """Train a small GPT-2 on text and print what it writes: the whole job in one command.
@@ -287,17 +157,18 @@ def train(spec, inputs, steps, out_dir, batch, seq_len, lr, warmup, val_every, s
     click.echo(f"more text: llmgen sample --checkpoint {r.checkpoint} --prompt \"ROMEO:\"")
 
 
-@cli.command()
+@cli.command(short_help="Continue a prompt with a trained checkpoint.")
 @click.option("--checkpoint", "-c", required=True, type=click.Path(dir_okay=False),
               help="model checkpoint (llm.c format) with GPT-2's vocab")
 @click.option("--prompt", "-p", default="", help="text the sample continues  [default: none]")
-@click.option("-n", "tokens", type=int, default=200, show_default=True, help="tokens to generate")
-@click.option("--temperature", type=float, default=0.8, show_default=True, help="0: always the most likely token")
-@click.option("--top-k", type=int, default=40, show_default=True, help="0: all tokens")
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("-n", "tokens", type=NOT_NEGATIVE, default=200, show_default=True, help="tokens to generate")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="0: always the most likely token")
+@click.option("--top-k", type=NOT_NEGATIVE, default=40, show_default=True, help="0: all tokens")
+@click.option("--seed", type=int, default=42, show_default=True, help="random seed of the sampler")
 @click.option("--build-dir", type=click.Path(file_okay=False),
               help="where to build the sampler  [default: build/sampler-SIZES]")
-@click.option("--threads", type=int, help="OpenMP threads  [default: all cores]")
+@click.option("--threads", type=POSITIVE, help="OpenMP threads  [default: all cores]")
 def sample(checkpoint, prompt, tokens, temperature, top_k, seed, build_dir, threads):
     """Continue a prompt with a trained checkpoint, printing the text as it comes."""
     from .run import sample as run_sample
@@ -305,63 +176,182 @@ def sample(checkpoint, prompt, tokens, temperature, top_k, seed, build_dir, thre
                build_dir=build_dir, threads=threads)
 
 
-@cli.command("import-hf")
-@click.argument("source", metavar="DIR_OR_FILE", type=click.Path())
-@click.option("-o", "--out", "out_path", required=True, type=click.Path(),
-              help="the llm.c model checkpoint to write")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="checkpoint version 3 (fp32) or 5 (bf16, rounded to nearest even)")
-@click.option("--heads", type=int, help="attention heads, when there is no config.json [default: channels / 64]")
-@click.option("--padded-vocab-size", type=int,
-              help="pad the vocab to this [default: as an llmgen export recorded it, else a multiple of 128]")
-def import_hf(source, out_path, dtype, heads, padded_vocab_size):
-    """A Hugging Face GPT-2 (model.safetensors in transformers' layout, with its config.json
-    when present) to an llm.c model checkpoint; prints the spec."""
-    from .fileio import DTYPE_VERSIONS, write_model
-    from .hf import import_hf as read_hf
-    spec, params, notes = read_hf(source, heads=heads, padded_vocab_size=padded_vocab_size,
-                                  name=Path(out_path).stem)
-    version = DTYPE_VERSIONS[dtype]
-    write_model(out_path, spec, params, version)
-    for note in notes:
-        click.echo(note)
-    click.echo(f"wrote {out_path}: llm.c model checkpoint version {version} ({dtype}), "
-               f"{num_params(spec.dims):,} parameters, vocab {spec.vocab_size} padded to {spec.padded_vocab_size}")
-    click.echo(f"spec (a trainer for it: llmgen emit --spec-from {out_path}):")
-    click.echo(spec.to_toml(), nl=False)
+# ---- data -------------------------------------------------------------------------------
+@cli.group(short_help="Make token shards in llm.c's format.")
+def data():
+    """Make token shards in llm.c's format."""
 
 
-@cli.command("export-hf")
-@click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
-              help="dir for model.safetensors and config.json")
-def export_hf(checkpoint, out_dir):
-    """An llm.c model checkpoint to model.safetensors and config.json that transformers'
-    GPT2LMHeadModel loads; the padded vocab rows are dropped."""
-    from .fileio import MODEL_VERSIONS, read_model
-    from .hf import export_hf as write_hf
-    spec, params, version = read_model(checkpoint, with_version=True)
-    padding = params["wte"][spec.vocab_size:]
-    model, config = write_hf(spec, params, out_dir)
-    click.echo(f"read {checkpoint}: version {version} ({MODEL_VERSIONS[version][0]}), {spec.n_layer} layers, "
-               f"{spec.n_head} heads, {spec.n_embd} channels, vocab {spec.vocab_size}, max_seq_len {spec.max_seq_len}")
-    if padding.size:
-        state = "all zero" if not padding.any() else "not zero: importing back gives zeros there"
-        click.echo(f"dropped the {padding.shape[0]} padded vocab rows of wte ({state}; the model never uses them)")
-    click.echo(f"wrote {model} (float32) and {config} (GPT2LMHeadModel)")
+@data.command(short_help="Tokenize text files or folders into llm.c token shards.")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(), default="build/data",
+              show_default=True, help="output dir for the shards")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True),
+              help=f"share of the tokens for val  [default: {VAL_FRACTION}]")
+@click.option("--val-tokens", type=POSITIVE, help="val tokens, instead of a fraction")
+@click.option("--shard-tokens", type=POSITIVE, default=SHARD_TOKENS, show_default=True, help="most tokens per shard")
+@click.option("--encoding-errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True,
+              help="text that is not UTF-8: an error, or replaced by U+FFFD")
+@click.option("--threads", type=POSITIVE, help="tokenizer threads  [default: the cores, at most 8]")
+def prepare(inputs, out_dir, val_fraction, val_tokens, shard_tokens, encoding_errors, threads):
+    """Tokenize text files or folders into llm.c token shards.
+
+    INPUTS are text files, folders of them, or `shakespeare` for the corpus that ships
+    with llmgen. Each file is a document, started by <|endoftext|>. The first tokens go to
+    val_000000.bin..., the rest to train_000000.bin...; gpt2_tokenizer.bin (for the
+    trainer's -T flag) is written beside them.
+    """
+    from .prepare import prepare as run_prepare
+    r = run_prepare(list(inputs), out_dir, val_fraction=val_fraction, val_tokens=val_tokens,
+                    shard_tokens=shard_tokens, errors=encoding_errors, threads=threads)
+    click.echo(f"{r.documents:,} document{'s' if r.documents != 1 else ''}, {r.input_bytes / MIB:,.1f} MiB of text: "
+               f"{r.tokens:,} tokens ({r.train_tokens:,} train, {r.val_tokens:,} val) in {len(r.shards)} "
+               f"shard{'s' if len(r.shards) != 1 else ''} in {out_dir}")
+    click.echo(f"tokenized at {r.rate / 1e6:,.2f}M tokens/s ({r.threads} threads)")
 
 
-@cli.command()
+@data.command(short_help="Write GPT-2's tokenizer file for the trainer's -T flag.")
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default="gpt2_tokenizer.bin",
+              show_default=True, help="the file to write")
+def tokenizer(out_path):
+    """Write GPT-2's tokenizer in llm.c's format, for the trainer's -T flag."""
+    from .tokenizer import write_c_tokenizer
+    click.echo(f"wrote {write_c_tokenizer(out_path)}")
+
+
+@data.command(short_help="Write learnable synthetic train and val shards for a spec's vocab.")
+@spec_options
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default="build/data-synthetic",
+              show_default=True, help="output dir for the shards")
+@click.option("--tokens", type=POSITIVE, default=200_000, show_default=True, help="train tokens")
+@click.option("--val-tokens", type=POSITIVE, default=20_000, show_default=True, help="val tokens")
+@click.option("--seed", type=int, default=0, show_default=True, help="random seed of the chain")
+def synthetic(spec, out_dir, tokens, val_tokens, seed):
+    """Learnable synthetic text: a random sparse Markov chain over the spec's vocab.
+
+    Writes train_000000.bin and val_000000.bin. A model that learns the chain's
+    transitions gets its loss from ln(V) down towards the chain's entropy, which is printed.
+    """
+    from .fileio import write_shard
+    from .synthetic import markov_tokens
+    train, val, entropy = markov_tokens(spec.vocab_size, tokens, val_tokens, seed)
+    out = Path(out_dir)
+    write_shard(out / "train_000000.bin", train)
+    write_shard(out / "val_000000.bin", val)
+    click.echo(f"wrote {out / 'train_000000.bin'} ({tokens:,} tokens) and {out / 'val_000000.bin'} "
+               f"({val_tokens:,} tokens); chain entropy {entropy:.3f} nats/token")
+
+
+# ---- the emitted program ----------------------------------------------------------------
+@cli.command(short_help="Write the trainer (C or CUDA), its harness and a Makefile.")
+@spec_options
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), help="output dir  [default: build/SPEC]")
+@click.option("--target", type=click.Choice(Target.values()), default=Target.C.value, show_default=True,
+              help="c: train_gpt2.c; cuda: train_gpt2.cu; all: both")
+@cuda_options
+@click.option("--build/--no-build", default=False, help="also compile it with make")
+def emit(spec, out_dir, target, precision, matmul, build):
+    """Write train_gpt2.c (or .cu), its test harness and a Makefile for a spec."""
+    from .emit import emit as emit_files, make
+    target = Target(target)
+    out = Path(out_dir or Path("build") / spec.name)
+    for path in emit_files(spec, out, target, precision, matmul):
+        click.echo(f"wrote {path}")
+    if build:
+        for program in (["train_gpt2"] if target.c else []) + (["train_gpt2cu"] if target.cuda else []):
+            click.echo(f"built {make(out, program)}")
+
+
+@cli.command(short_help="Parameter count, memory and FLOPs of a spec.")
+@spec_options
+@click.option("-b", "batch", type=POSITIVE, default=4, show_default=True, help="micro-batch size B")
+@click.option("-t", "seq_len", type=POSITIVE, help="sequence length T  [default: min(max_seq_len, 64)]")
+def info(spec, batch, seq_len):
+    """Parameter count, memory of the C trainer, and training FLOPs per token of a spec."""
+    T = seq_len or min(spec.max_seq_len, 64)
+    if T > spec.max_seq_len:
+        raise LlmgenError(f"-t {T}: must be at most the spec's max_seq_len {spec.max_seq_len}")
+    n = num_params(spec)
+    rows = [("parameters", n), ("gradients", n), ("AdamW m and v", 2 * n),
+            (f"activations (B={batch}, T={T})", num_acts(spec, batch, T)),
+            ("activation gradients", num_acts(spec, batch, T, grads=True))]
+    flops = specs.flops_per_token(spec, T)
+    click.echo(f"{spec.name} ({spec.source})")
+    click.echo(f"  {spec.n_layer} layers, {spec.n_head} heads of {spec.head_size}, {spec.n_embd} channels, "
+               f"vocab {spec.vocab_size} padded to {spec.padded_vocab_size}, max_seq_len {spec.max_seq_len}")
+    click.echo(f"parameters: {num_params(spec, padded=False):,} ({n:,} with the padded vocab)")
+    click.echo("memory of the C trainer (fp32):")
+    for name, floats in rows:
+        click.echo(f"  {name:<32} {floats * 4 / MIB:>12,.1f} MiB")
+    click.echo(f"  {'total':<32} {sum(f for _, f in rows) * 4 / MIB:>12,.1f} MiB")
+    click.echo(f"training FLOPs per token: {flops['total']:,} at T={T} (matmuls {flops['matmul']:,}: 6 per weight; "
+               f"attention {flops['attention']:,}: 6LC(T+1)); {flops['total'] * batch * T / 1e9:,.1f} GFLOP per "
+               "step of B*T tokens")
+
+
+@cli.command(short_help="List the preset specs, smallest first.")
 def presets():
-    """List the preset specs."""
-    for name in specs.preset_names():
+    """List the preset specs, smallest first; then the specs the tests use."""
+    def row(name):
         s = specs.load(name)
-        n = num_params(s.dims)
-        click.echo(f"{name:<12} layers {s.n_layer:>2}  heads {s.n_head:>2}  channels {s.n_embd:>4}  "
-                   f"vocab {s.vocab_size:>5}  max_seq_len {s.max_seq_len:>4}  {n / 1e6:8.2f}M parameters")
+        return (f"{name:<12} layers {s.n_layer:>2}  heads {s.n_head:>2}  channels {s.n_embd:>4}  "
+                f"vocab {s.vocab_size:>5}  max_seq_len {s.max_seq_len:>4}  {num_params(s) / 1e6:8.2f}M parameters")
+    for name in specs.preset_names(tests=False):
+        click.echo(row(name))
+    click.echo("for tests:")
+    for name in specs.preset_names(tests=True):
+        if name not in specs.preset_names(tests=False):
+            click.echo(row(name))
 
 
-@cli.command()
+# ---- checking and timing ----------------------------------------------------------------
+@cli.command(short_help="Compare the emitted C (or CUDA) with the NumPy reference.")
+@spec_options
+@click.option("-b", "batch", type=POSITIVE, default=2, show_default=True, help="micro-batch size B")
+@click.option("-t", "seq_len", type=POSITIVE, help="sequence length T  [default: min(max_seq_len, 16)]")
+@click.option("--steps", type=POSITIVE, default=10, show_default=True, help="AdamW steps to compare")
+@click.option("--accum", type=POSITIVE, default=2, show_default=True, help="micro-batches per step")
+@click.option("--threads", type=POSITIVE, default=2, show_default=True, help="OpenMP threads")
+@click.option("--seed", type=int, default=0, show_default=True, help="random seed of the model and data")
+@click.option("--build-dir", type=click.Path(file_okay=False), help="where to build  [default: build/verify-SPEC]")
+@click.option("--target", type=click.Choice([Target.C.value, Target.CUDA.value]), default=Target.C.value,
+              show_default=True, help="the C trainer, or the CUDA one (needs an NVIDIA GPU)")
+@cuda_options
+def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target, precision, matmul):
+    """Build the emitted C (or CUDA) and compare it with the NumPy reference: the logits, the
+    loss and every gradient of one step, then the losses, norms and parameters of N steps."""
+    from .verify import format_table, verify as run_verify
+    T = seq_len or min(spec.max_seq_len, 16)
+    rows = run_verify(spec, B=batch, T=T, steps=steps, accum=accum, seed=seed,
+                      build_dir=build_dir, threads=threads, target=target, precision=precision, matmul=matmul)
+    click.echo(format_table(spec, rows, batch, T, target, precision))
+    if not all(r.ok for r in rows):
+        raise SystemExit(1)
+
+
+@cli.command(short_help="Time the emitted trainer against this machine's FMA peak.")
+@spec_options
+@click.option("-b", "batch", type=POSITIVE, default=4, show_default=True, help="micro-batch size B")
+@click.option("-t", "seq_len", type=POSITIVE, help="sequence length T  [default: min(max_seq_len, 64)]")
+@click.option("--threads", type=POSITIVE, help="OpenMP threads  [default: all CPUs]")
+@click.option("--steps", type=POSITIVE, default=10, show_default=True, help="timed steps")
+@click.option("--warmup", type=NOT_NEGATIVE, default=2, show_default=True, help="untimed steps first")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="where to write the figures  "
+              "[default: BUILD_DIR/bench.json]")
+@click.option("--build-dir", type=click.Path(file_okay=False), help="where to build  [default: build/bench-SPEC]")
+def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir):
+    """Time the emitted trainer (production build) against this machine's FMA peak."""
+    from .bench import bench as run_bench, format_report, write_json
+    build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
+    result = run_bench(spec, B=batch, T=seq_len or min(spec.max_seq_len, 64), threads=threads or os.cpu_count(),
+                       steps=steps, warmup=warmup, build_dir=build_dir)
+    json_path = Path(json_path or build_dir / "bench.json")
+    write_json(json_path, result)
+    click.echo(format_report(result))
+    click.echo(f"wrote {json_path}")
+
+
+@cli.command(short_help="Plot training runs from their main.log (needs matplotlib).")
 @click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path())
 @click.option("--log-scale", is_flag=True, help="logarithmic loss axes")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
@@ -382,5 +372,64 @@ def report(run_dirs, log_scale, out_dir):
     click.echo(f"wrote {r.html} and {r.png}")
 
 
+# ---- weights in and out -----------------------------------------------------------------
+@cli.command("import-hf", short_help="A Hugging Face GPT-2 (safetensors) to an llm.c checkpoint.")
+@click.argument("source", metavar="DIR_OR_FILE", type=click.Path())
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(),
+              help="the llm.c model checkpoint to write")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="checkpoint version 3 (fp32) or 5 (bf16, rounded to nearest even)")
+@click.option("--heads", type=POSITIVE, help="attention heads, when there is no config.json  [default: channels / 64]")
+@click.option("--padded-vocab-size", type=POSITIVE,
+              help="pad the vocab to this  [default: as an llmgen export recorded it, else a multiple of 128]")
+def import_hf(source, out_path, dtype, heads, padded_vocab_size):
+    """A Hugging Face GPT-2 (model.safetensors in transformers' layout, with its config.json
+    when present) to an llm.c model checkpoint; prints the spec."""
+    from .fileio import DTYPE_VERSIONS, write_model
+    from .hf import import_hf as read_hf
+    spec, params, notes = read_hf(source, heads=heads, padded_vocab_size=padded_vocab_size,
+                                  name=Path(out_path).stem)
+    version = DTYPE_VERSIONS[dtype]
+    write_model(out_path, spec, params, version)
+    for note in notes:
+        click.echo(note)
+    click.echo(f"wrote {out_path}: llm.c model checkpoint version {version} ({dtype}), "
+               f"{num_params(spec):,} parameters, vocab {spec.vocab_size} padded to {spec.padded_vocab_size}")
+    click.echo(f"spec (a trainer for it: llmgen emit --spec-from {out_path}):")
+    click.echo(spec.to_toml(), nl=False)
+
+
+@cli.command("export-hf", short_help="An llm.c checkpoint to Hugging Face's GPT-2 (safetensors).")
+@click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="dir for model.safetensors and config.json")
+def export_hf(checkpoint, out_dir):
+    """An llm.c model checkpoint to model.safetensors and config.json that transformers'
+    GPT2LMHeadModel loads; the padded vocab rows are dropped."""
+    from .fileio import MODEL_VERSIONS, read_model
+    from .hf import export_hf as write_hf
+    spec, params, version = read_model(checkpoint, with_version=True)
+    padding = params["wte"][spec.vocab_size:]
+    model, config = write_hf(spec, params, out_dir)
+    click.echo(f"read {checkpoint}: version {version} ({MODEL_VERSIONS[version][0]}), {spec.n_layer} layers, "
+               f"{spec.n_head} heads, {spec.n_embd} channels, vocab {spec.vocab_size}, max_seq_len {spec.max_seq_len}")
+    if padding.size:
+        state = "all zero" if not padding.any() else "not zero: importing back gives zeros there"
+        click.echo(f"dropped the {padding.shape[0]} padded vocab rows of wte ({state}; the model never uses them)")
+    click.echo(f"wrote {model} (float32) and {config} (GPT2LMHeadModel)")
+
+
 def main():
-    cli()
+    """Run the command line; every error, a user's or click's (a bad option), is one
+    `error: ...` line on stderr and a non-zero exit (2 for a bad option, 1 otherwise)."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        hint = ""
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            hint = f" (see {e.ctx.command_path} --help)"
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)

@@ -1,6 +1,8 @@
 """Render the C and CUDA trainers from the templates.
 
-Python computes every size, name and offset here; the templates only print them.
+Python computes every size, name, offset and expression here; the templates only print
+them, and cformat lays the output out (aligned comments, wrapped tables), so that no
+template aligns anything by hand.
 """
 
 from __future__ import annotations
@@ -12,28 +14,32 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
+from .cformat import format_c, format_make
+from .enums import Init, Matmul, Precision, Target
 from .errors import LlmgenError
 from .fileio import write_atomic
 from .spec import Spec
-from .tensors import ACTS, CUDA_ACTS, CUDA_FP32_ACTS, PARAMS, num_params
+from .tensors import Act, Param, activations, num_params, parameters, shape_comment
 
 # Symbolic dimension -> C expression, for sizes that depend on B and T at run time.
-C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNELS",
-          "3C": "3 * CHANNELS", "4C": "4 * CHANNELS", "Vp": "PADDED_VOCAB_SIZE", "maxT": "MAX_SEQ_LEN"}
+C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNELS", "HS": "HEAD_SIZE",
+          "3C": "3 * CHANNELS", "4C": "4 * CHANNELS", "Vp": "PADDED_VOCAB_SIZE", "V": "VOCAB_SIZE",
+          "maxT": "MAX_SEQ_LEN"}
 
 # The layer templates under templates/layers/, in the order they appear in the file.
 LAYERS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier")
-
-TARGETS = ("c", "cuda", "all")
-PRECISIONS = ("fp32", "bf16")
-MATMULS = ("cublaslt", "tiled")
 # The CUDA kernel templates under templates/cuda/layers/, in file order.
 CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "matmul", "attention", "residual",
                "classifier", "adamw", "norm")
 
 
+def _refs(tensors: list[dict], form: str) -> str:
+    """A pointer table's entries: form with {} replaced by each tensor's name, comma-separated."""
+    return ", ".join(form.format(t["name"]) for t in tensors)
+
+
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("llmgen", "templates"),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -41,6 +47,8 @@ def _env() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+    env.filters["refs"] = _refs
+    return env
 
 
 def origin(spec: Spec) -> str:
@@ -54,22 +62,39 @@ def origin(spec: Spec) -> str:
     return f"spec file {Path(head).name}{sep}{rest}"
 
 
-def _c_float(x: float) -> str:
+def c_float(x: float) -> str:
     s = f"{x:.9g}"
     return (s if "." in s or "e" in s else s + ".0") + "f"
 
 
-def _pad(names: list[str]) -> list[int]:
-    width = max(len(n) for n in names)
-    return [width - len(n) for n in names]
+def c_size(shape: tuple[str, ...]) -> str:
+    """A C expression for the number of elements, e.g. (size_t)NUM_LAYERS * B * T * CHANNELS."""
+    factors = [C_DIMS[d] for d in shape]
+    return factors[0] if len(factors) == 1 else "(size_t)" + " * ".join(factors)
 
 
-def _act_size_expr(shape: tuple[str, ...]) -> str:
-    """A C expression for the number of floats, e.g. (size_t)NUM_LAYERS * B * T * CHANNELS."""
-    return "(size_t)" + " * ".join(C_DIMS[d] for d in shape)
+def layer_offset(shape: tuple[str, ...]) -> str:
+    """Where layer l's slice of a per-layer tensor (L, ...) starts, as a C expression."""
+    return "(size_t)l * " + " * ".join(C_DIMS[d] for d in shape[1:])
 
 
-def matmul_sizes(spec: Spec) -> dict:
+def _param(p: Param, spec: Spec) -> dict:
+    std = p.init_std(spec.n_layer)
+    return {"name": p.name, "shape": shape_comment(p.shape), "doc": p.doc, "size": c_size(p.shape),
+            "decay": int(p.decay), "init": {Init.ONES: "INIT_ONES", Init.ZEROS: "INIT_ZEROS"}.get(p.init, "INIT_NORMAL"),
+            "std": c_float(std if std is not None else 0.0), "init_formula": p.init_formula(),
+            "per_layer": p.per_layer, "layer_shape": shape_comment(p.shape[1:]) if p.per_layer else "",
+            "offset": layer_offset(p.shape) if p.per_layer else ""}
+
+
+def _act(a: Act, floatx: str = "float") -> dict:
+    return {"name": a.name, "shape": shape_comment(a.shape), "doc": a.doc, "size": c_size(a.shape),
+            "grad": int(a.grad), "type": "float" if a.fp32 else floatx, "per_layer": a.per_layer,
+            "layer_shape": shape_comment(a.shape[1:]) if a.per_layer else "",
+            "offset": layer_offset(a.shape) if a.per_layer else ""}
+
+
+def gemm_sizes(spec: Spec) -> dict:
     """Tile and block sizes of the emitted gemm (see layers/matmul.c.j2).
 
     Register tiles (rows x columns of C): with AVX-512, 8 x 32 fills 16 of the 32 vector
@@ -87,23 +112,8 @@ def matmul_sizes(spec: Spec) -> dict:
             "kc_doc": "4C, the longest K of a forward", "pack_doc": f"{pack * 4 / 2**20:g} MiB"}
 
 
-def context(spec: Spec) -> dict:
-    dims = spec.dims
-    L = spec.n_layer
-    params = []
-    for t, pad, spad in zip(PARAMS, _pad([t.name for t in PARAMS]),
-                            _pad([str(t.numel(dims)) for t in PARAMS])):
-        std = {"normal": 0.02, "residual": 0.02 / math.sqrt(2 * L), "ones": -1.0, "zeros": 0.0}[t.init]
-        params.append({"name": t.name, "shape": t.shape_comment(), "doc": t.doc, "pad": pad,
-                       "size": t.numel(dims), "size_pad": spad, "decay": int(t.decay),
-                       "init_std": _c_float(std), "ref": f"&p->{t.name}"})
-    for p, pad in zip(params, _pad([p["init_std"] for p in params])):
-        p["init_pad"] = pad
-    acts = []
-    exprs = [_act_size_expr(a.shape) for a in ACTS]
-    for a, pad, expr, epad in zip(ACTS, _pad([a.name for a in ACTS]), exprs, _pad(exprs)):
-        acts.append({"name": a.name, "shape": a.shape_comment(), "doc": a.doc, "pad": pad,
-                     "size_expr": expr, "size_pad": epad, "ref": f"&a->{a.name}", "grad": int(a.grad)})
+def _common_context(spec: Spec, program: str) -> dict:
+    params = parameters(spec)
     constants = [
         ("NUM_LAYERS", spec.n_layer, "L: transformer blocks"),
         ("NUM_HEADS", spec.n_head, "NH: attention heads"),
@@ -113,106 +123,124 @@ def context(spec: Spec) -> dict:
         ("PADDED_VOCAB_SIZE", spec.padded_vocab_size, "Vp: vocabulary padded for speed; rows past V are unused"),
         ("MAX_SEQ_LEN", spec.max_seq_len, "maxT: longest sequence"),
     ]
-    cpad = _pad([f"{n} {v}" for n, v, _ in constants])
     return {
         "version": __version__,
         "origin": origin(spec),
         "spec": spec,
-        "n_params": num_params(dims),
-        "params": params,
-        "acts": acts,
-        "constants": [{"name": n, "value": v, "doc": d, "pad": p} for (n, v, d), p in zip(constants, cpad)],
-        "layers": LAYERS,
-        "gemm": matmul_sizes(spec),
+        "program": program,
+        "n_params": num_params(spec),
+        "params": [_param(p, spec) for p in params],
+        "layer_params": [_param(p, spec) for p in params if p.per_layer],
+        "constants": [{"name": n, "value": v, "doc": d} for n, v, d in constants],
         "eot_token": spec.vocab_size - 1,
-        "cuda": False,
-        "program": "train_gpt2",
     }
 
 
-def kernel_constants(spec: Spec) -> dict[str, int]:
-    """Launch shapes of the CUDA kernels, printed as #defines; the PyCUDA tests launch with them too."""
-    HS = spec.head_size
-    return {
-        "BLOCK_SIZE": 256,          # threads per block of the element-wise kernels
-        "LN_ROWS_PER_BLOCK": 8,     # layernorm: one warp per row
-        "REDUCE_ROWS": 256,         # column sums: rows per block (chunk) in the first stage
-        "CLASSIFIER_BLOCK": 512,    # fused classifier: threads per row
-        "NORM_BLOCKS": 512,         # gradient norm: blocks in the first stage (a fixed number: deterministic)
-        "TILE": 16,                 # tiled matmul: TILE x TILE outputs per block
-        "ATT_BQ": 64,               # attention: queries (or keys) per block, one per thread
-        # attention: key (or query) rows per shared-memory tile; two tiles of ATT_BK x HS floats
-        # stay within 32 KiB of static shared memory
-        "ATT_BK": max(1, min(32, 4096 // HS)),
-    }
-
-
-def cuda_context(spec: Spec, precision: str = "fp32", matmul: str = "cublaslt") -> dict:
-    """The C context plus what the CUDA trainer needs: precision, matmul path, its activations."""
-    if precision not in PRECISIONS:
-        raise LlmgenError(f"precision '{precision}': expected one of {', '.join(PRECISIONS)}")
-    if matmul not in MATMULS:
-        raise LlmgenError(f"matmul '{matmul}': expected one of {', '.join(MATMULS)}")
-    ctx = context(spec)
-    bf16 = precision == "bf16"
-    acts = []
-    exprs = [_act_size_expr(a.shape) for a in CUDA_ACTS]
-    types = ["float" if a.name in CUDA_FP32_ACTS else "floatX" for a in CUDA_ACTS]
-    decls = [f"{ty}* {a.name};" for ty, a in zip(types, CUDA_ACTS)]
-    for a, ty, decl, dpad, expr, epad in zip(CUDA_ACTS, types, decls, _pad(decls), exprs, _pad(exprs)):
-        acts.append({"name": a.name, "shape": a.shape_comment(), "doc": a.doc, "type": ty, "decl": decl,
-                     "pad": dpad, "size_expr": expr, "size_pad": epad, "ref": f"(void**)&a->{a.name}"})
-    constants = kernel_constants(spec)
-    cpad = _pad([f"{n} {v}" for n, v in constants.items()])
-    C = spec.n_embd
+def c_context(spec: Spec) -> dict:
+    """What the C trainer's templates print."""
+    ctx = _common_context(spec, "train_gpt2")
+    acts = [_act(a) for a in activations(spec, Target.C)]
     ctx.update({
-        "cuda": True,
-        "program": "train_gpt2cu",
-        "precision": precision,
-        "bf16": bf16,
-        "model_version": 5 if bf16 else 3,
-        "cublaslt": matmul == "cublaslt",
-        "matmul": matmul,
-        "cuda_acts": acts,
-        "kernel_constants": [{"name": n, "value": v, "pad": p} for (n, v), p in zip(constants.items(), cpad)],
-        # cuBLASLt's GELU epilogues need the leading dimension of the pre-GELU matrix (4C)
-        # to be a multiple of 8
-        "gelu_fusion": int(matmul == "cublaslt" and (4 * C) % 8 == 0),
-        "layers": CUDA_LAYERS,
-        "host": True,
+        "target": "c",
+        "acts": acts,
+        "layer_acts": [a for a in acts if a["per_layer"]],
+        "layers": LAYERS,
+        "gemm": gemm_sizes(spec),
+        "model_version": 3,
+        "default_T": min(64, spec.max_seq_len),
     })
     return ctx
 
 
-def render(spec: Spec, target: str = "c", precision: str = "fp32", matmul: str = "cublaslt") -> dict[str, str]:
-    """The emitted files, by name: the C trainer and its harness, the CUDA ones, or all, with
-    a Makefile for what was emitted."""
-    if target not in TARGETS:
-        raise LlmgenError(f"target '{target}': expected one of {', '.join(TARGETS)}")
+def kernel_constants(spec: Spec) -> list[tuple[str, int, str]]:
+    """Launch shapes of the CUDA kernels, with the reason for each, printed as #defines;
+    the PyCUDA tests launch with them too (kernel_values)."""
+    HS = spec.head_size
+    return [
+        ("BLOCK_SIZE", 256, "threads per block of the element-wise kernels"),
+        ("LN_ROWS_PER_BLOCK", 8, "layernorm: one warp per row, 8 rows (256 threads) per block"),
+        ("REDUCE_ROWS", 256, "column sums: rows per block (chunk) in the first stage"),
+        ("CLASSIFIER_BLOCK", 512, "fused classifier: threads per row, each handling Vp / 512 logits"),
+        ("NORM_BLOCKS", 512, "gradient norm: blocks in the first stage, a fixed number so the sum is deterministic"),
+        ("TILE", 16, "tiled matmul: TILE x TILE outputs per block, one per thread"),
+        ("ATT_BQ", 64, "attention: queries (or keys) per block, one per thread"),
+        ("ATT_BK", max(1, min(32, 4096 // HS)),
+         "attention: key (or query) rows per shared-memory tile (two tiles of ATT_BK x HS floats: <= 32 KiB)"),
+    ]
+
+
+def kernel_values(spec: Spec) -> dict[str, int]:
+    return {name: value for name, value, _ in kernel_constants(spec)}
+
+
+def cuda_context(spec: Spec, precision: Precision | str = Precision.FP32, matmul: Matmul | str = Matmul.CUBLASLT) -> dict:
+    """What the CUDA trainer's templates print: precision, matmul path, its activations."""
+    precision = Precision.parse(precision, "precision")
+    matmul = Matmul.parse(matmul, "matmul")
+    ctx = _common_context(spec, "train_gpt2cu")
+    bf16 = precision is Precision.BF16
+    acts = [_act(a, "floatX") for a in activations(spec, Target.CUDA)]
+    C = spec.n_embd
+    ctx.update({
+        "target": "cuda",
+        "precision": precision.value,
+        "bf16": bf16,
+        "model_version": 5 if bf16 else 3,
+        "cublaslt": matmul is Matmul.CUBLASLT,
+        "matmul": matmul.value,
+        "cuda_acts": acts,
+        "layer_acts": [a for a in acts if a["per_layer"]],
+        "kernel_constants": [{"name": n, "value": v, "doc": d} for n, v, d in kernel_constants(spec)],
+        # cuBLASLt's GELU epilogues need the leading dimension of the pre-GELU matrix (4C)
+        # to be a multiple of 8
+        "gelu_fusion": int(matmul is Matmul.CUBLASLT and (4 * C) % 8 == 0),
+        "layers": CUDA_LAYERS,
+        "host": True,
+        "default_T": spec.max_seq_len,
+    })
+    return ctx
+
+
+def _render(env: jinja2.Environment, name: str, ctx: dict) -> str:
+    text = env.get_template(name + ".j2").render(ctx)
+    return format_make(text) if name.endswith(("Makefile", ".mk")) else format_c(text)
+
+
+def render(spec: Spec, target: Target | str = Target.C, precision: Precision | str = Precision.FP32,
+           matmul: Matmul | str = Matmul.CUBLASLT) -> dict[str, str]:
+    """The emitted files, by name: the C trainer and its harness and bench, the CUDA trainer
+    and its harness, or all, with a Makefile for what was emitted."""
+    target = Target.parse(target, "target")
     env = _env()
     files = {}
-    if target in ("c", "all"):
-        ctx = context(spec)
-        files.update((name, env.get_template(name + ".j2").render(ctx))
-                     for name in ("train_gpt2.c", "test_gpt2.c", "bench_gpt2.c"))
-    cctx = cuda_context(spec, precision, matmul)
-    if target in ("cuda", "all"):
-        files.update((name, env.get_template("cuda/" + name + ".j2").render(cctx))
-                     for name in ("train_gpt2.cu", "test_gpt2.cu"))
-    files["Makefile"] = env.get_template("Makefile.j2").render(
-        cctx, c_target=target in ("c", "all"), cuda_target=target in ("cuda", "all"), cuda=False)
+    make_parts = []
+    if target.c:
+        ctx = c_context(spec)
+        files.update((name, _render(env, name, ctx)) for name in ("train_gpt2.c", "test_gpt2.c", "bench_gpt2.c"))
+        make_parts.append(("make/c.mk", ctx))
+    if target.cuda:
+        cctx = cuda_context(spec, precision, matmul)
+        files.update((name, _render(env, "cuda/" + name, cctx)) for name in ("train_gpt2.cu", "test_gpt2.cu"))
+        make_parts.append(("make/cuda.mk", cctx))
+    programs = {"make/c.mk": ["train_gpt2", "test_gpt2", "bench_gpt2"], "make/cuda.mk": ["train_gpt2cu", "test_gpt2cu"]}
+    parts = [env.get_template(name + ".j2").render(ctx) for name, ctx in make_parts]
+    files["Makefile"] = format_make(env.get_template("Makefile.j2").render(
+        version=__version__, origin=origin(spec), parts=parts,
+        default=[programs[name][0] for name, _ in make_parts],
+        programs=[p for name, _ in make_parts for p in programs[name]],
+        phony=["all", "clean"] + (["nvcc-check", "cuda-info"] if target.cuda else [])))
     return files
 
 
-def render_kernels(spec: Spec, precision: str = "fp32", matmul: str = "cublaslt") -> str:
+def render_kernels(spec: Spec, precision: Precision | str = Precision.FP32, matmul: Matmul | str = Matmul.CUBLASLT) -> str:
     """The CUDA kernels alone (no host code), for PyCUDA: SourceModule(src, no_extern_c=True)."""
     ctx = cuda_context(spec, precision, matmul)
     ctx["host"] = False
-    return _env().get_template("cuda/kernels.cu.j2").render(ctx)
+    return format_c(_env().get_template("cuda/kernels.cu.j2").render(ctx))
 
 
-def emit(spec: Spec, out_dir: str | Path, target: str = "c", precision: str = "fp32",
-         matmul: str = "cublaslt") -> list[Path]:
+def emit(spec: Spec, out_dir: str | Path, target: Target | str = Target.C, precision: Precision | str = Precision.FP32,
+         matmul: Matmul | str = Matmul.CUBLASLT) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
     for name, text in render(spec, target, precision, matmul).items():

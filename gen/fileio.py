@@ -1,7 +1,7 @@
 """llm.c's binary formats, read and written from Python.
 
 Model checkpoint: 256 int32 header [magic 20240326, version, maxT, V, L, NH, C, Vp, 0...],
-then the PARAMS tensors in order: version 3 stores them as float32, version 5 as bfloat16.
+then the tensors.parameters(spec) tensors in order: version 3 stores them as float32, version 5 as bfloat16.
 Token shard: 256 int32 header [magic 20240520, version 1, token count, 0...], then uint16
 tokens. Every write goes to a temporary file in the same folder and is renamed into place.
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import LlmgenError
 from .spec import Spec, from_dict
-from .tensors import PARAMS, num_params, param_sizes, unflatten
+from .tensors import num_params, param_shapes, unflatten
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -126,12 +126,11 @@ def write_model(path, spec: Spec, params: dict[str, np.ndarray], version: int = 
     """Write a model checkpoint: version 3 (float32) or 5 (bfloat16, rounded to nearest even)."""
     if version not in MODEL_VERSIONS:
         raise ValueError(f"model checkpoint version {version}: expected 3 (fp32) or 5 (bf16)")
-    sizes = param_sizes(spec.dims)
     chunks = [model_header(spec, version).tobytes()]
-    for t in PARAMS:
-        a = np.asarray(params[t.name])
-        if a.shape != sizes[t.name]:
-            raise ValueError(f"{t.name}: shape {a.shape}, expected {sizes[t.name]}")
+    for name, shape in param_shapes(spec).items():
+        a = np.asarray(params[name])
+        if a.shape != shape:
+            raise ValueError(f"{name}: shape {a.shape}, expected {shape}")
         a = np.ascontiguousarray(a, dtype="<f4")
         chunks.append((a if version == MODEL_VERSION_FP32 else to_bf16(a)).reshape(-1).data)  # no copies
     write_atomic(path, chunks)
@@ -155,7 +154,7 @@ def read_model_spec(path) -> tuple[Spec, int]:
                           "(expected 3, fp32, or 5, bf16)")
     spec = spec_from_header(header, f"checkpoint {path}", name=path.stem)
     dtype, width = MODEL_VERSIONS[version]
-    need = num_params(spec.dims) * width
+    need = num_params(spec) * width
     if size - HEADER_BYTES != need:
         raise LlmgenError(f"{path}: model checkpoint holds {size - HEADER_BYTES} bytes of parameters, "
                           f"its header's sizes need {need} ({dtype}, version {version})")
@@ -166,14 +165,14 @@ def read_model(path, with_version: bool = False):
     """(spec, params as float32 arrays), plus the version if with_version; bfloat16 is widened
     exactly."""
     spec, version = read_model_spec(path)
-    n = num_params(spec.dims)
+    n = num_params(spec)
     if version == MODEL_VERSION_FP32:
         flat = _read_body(Path(path), "<f4", n, "model checkpoint")
     else:
         flat = from_bf16(_read_body(Path(path), "<u2", n, "model checkpoint"))
     if flat.size != n:  # the file changed under us
         raise LlmgenError(f"{path}: truncated model checkpoint")
-    params = unflatten(flat, spec.dims)
+    params = unflatten(flat, spec)
     return (spec, params, version) if with_version else (spec, params)
 
 

@@ -3,7 +3,7 @@ model.safetensors file (with its config.json) to an llm.c model checkpoint, and 
 
 The two layouts hold the same numbers:
 
-    Hugging Face (transformers)                    llm.c (tensors.PARAMS)
+    Hugging Face (transformers)                    llm.c (tensors.parameters: each names its HF tensor)
     [transformer.]wte.weight          (V,C)        wte       (Vp,C)   rows V..Vp are padding
     [transformer.]wpe.weight          (maxT,C)     wpe       (maxT,C)
     [transformer.]h.N.ln_1.weight     (C)          ln1w[N]   (C)
@@ -35,32 +35,12 @@ import numpy as np
 from .errors import LlmgenError
 from .fileio import from_bf16, write_atomic
 from .spec import Spec, from_dict, padded
-from .tensors import PARAMS, param_sizes
+from .tensors import gpt2_parameters, param_shapes, parameters
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # safetensors dtype -> (numpy dtype of the stored data, bytes per value)
 DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("<f8", 8)}
 
-# (Hugging Face name, llm.c tensor, transposed); "{n}" is the block index.
-LAYOUT = (
-    ("wte.weight", "wte", False),
-    ("wpe.weight", "wpe", False),
-    ("h.{n}.ln_1.weight", "ln1w", False),
-    ("h.{n}.ln_1.bias", "ln1b", False),
-    ("h.{n}.attn.c_attn.weight", "qkvw", True),
-    ("h.{n}.attn.c_attn.bias", "qkvb", False),
-    ("h.{n}.attn.c_proj.weight", "attprojw", True),
-    ("h.{n}.attn.c_proj.bias", "attprojb", False),
-    ("h.{n}.ln_2.weight", "ln2w", False),
-    ("h.{n}.ln_2.bias", "ln2b", False),
-    ("h.{n}.mlp.c_fc.weight", "fcw", True),
-    ("h.{n}.mlp.c_fc.bias", "fcb", False),
-    ("h.{n}.mlp.c_proj.weight", "fcprojw", True),
-    ("h.{n}.mlp.c_proj.bias", "fcprojb", False),
-    ("ln_f.weight", "lnfw", False),
-    ("ln_f.bias", "lnfb", False),
-)
-assert [t for _, t, _ in LAYOUT] == [t.name for t in PARAMS]
 PREFIX = "transformer."
 SKIPPED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers, not weights
 BLOCK = re.compile(r"^h\.(\d+)\.")
@@ -215,7 +195,7 @@ def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: i
         names[short] = full
     layers = sorted({int(m.group(1)) for n in names if (m := BLOCK.match(n))})
     L = layers[-1] + 1 if layers else 0
-    templates = {hf for hf, _, _ in LAYOUT}
+    templates = {p.hf for p in gpt2_parameters()}
     for short, full in names.items():
         known = short == "lm_head.weight" or SKIPPED.fullmatch(short) or BLOCK.sub("h.{n}.", short, 1) in templates
         if not known:
@@ -258,9 +238,10 @@ def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: i
     spec = from_dict(raw, str(config_path or model_path))
 
     # the tensors, transposed and stacked into llm.c's layout
-    sizes = param_sizes(spec.dims)
-    params = {t.name: np.zeros(sizes[t.name], dtype=np.float32) for t in PARAMS}
-    for hf, ours, transposed in LAYOUT:
+    sizes = param_shapes(spec)
+    params = {name: np.zeros(shape, dtype=np.float32) for name, shape in sizes.items()}
+    for t in parameters(spec):
+        hf, ours, transposed = t.hf, t.name, t.hf_transposed
         per_layer = "{n}" in hf
         want = sizes[ours][1:] if per_layer else sizes[ours]
         if ours == "wte":
@@ -291,7 +272,8 @@ def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: i
 def hf_tensors(spec: Spec, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """GPT2LMHeadModel's state dict (without the tied lm_head.weight), padded vocab rows dropped."""
     out = {}
-    for hf, ours, transposed in LAYOUT:
+    for t in parameters(spec):
+        hf, ours, transposed = t.hf, t.name, t.hf_transposed
         for n in range(spec.n_layer) if "{n}" in hf else [None]:
             a = params[ours] if n is None else params[ours][n]
             if ours == "wte":

@@ -3,8 +3,8 @@
 This is the ground truth the generated C trainer is checked against, so every layer mirrors
 the C layer of the same name and the same conventions:
 
-* params are a dict name -> array with the shapes of tensors.param_sizes(spec.dims), in
-  tensors.PARAMS order; all arithmetic stays in the params' dtype (float32 or float64: the
+* params are a dict name -> array with the shapes of tensors.param_shapes(spec), in
+  tensors.parameters(spec) order; all arithmetic stays in the params' dtype (float32 or float64: the
   caller picks float64 for finite differences);
 * a linear layer is out = inp @ W.T + b with W of shape (OC, IC), as llm.c's matmul_forward;
 * layernorm uses eps 1e-5 and the biased variance, and caches mean and rstd = 1/sqrt(var+eps);
@@ -22,11 +22,11 @@ import math
 
 import numpy as np
 
-from .tensors import PARAMS, param_sizes
+from .enums import Init
+from .tensors import param_shapes, parameters
 
 LN_EPS = 1e-5
 GELU_SCALING = math.sqrt(2.0 / math.pi)  # a Python float, so it never changes an array's dtype
-DECAY = {t.name: t.decay for t in PARAMS}
 
 
 # ---- encoder -----------------------------------------------------------------------------
@@ -209,31 +209,26 @@ def crossentropy_softmax_backward(probs, targets, dlosses):
 
 # ---- the model ---------------------------------------------------------------------------
 def init_params(spec, seed=0, dtype=np.float32):
-    """GPT-2 init in tensors.PARAMS order: "normal" ~ N(0, 0.02), "residual" ~ N(0, 0.02/sqrt(2L))
-    (the projections that write into the residual stream), "ones", "zeros".  Draws in float64
-    from np.random.default_rng(seed) then casts, so the float32 and float64 inits agree."""
+    """GPT-2 init in tensors.parameters(spec) order, each tensor as its Param says: normal with
+    Param.init_std (0.02, or 0.02/sqrt(2L) for the projections into the residual stream), ones
+    or zeros.  Draws in float64 from np.random.default_rng(seed) then casts, so the float32 and
+    float64 inits agree."""
     rng = np.random.default_rng(seed)
-    sizes = param_sizes(spec.dims)
+    shapes = param_shapes(spec)
     params = {}
-    for t in PARAMS:
-        shape = sizes[t.name]
-        if t.init == "normal":
-            params[t.name] = rng.normal(0.0, 0.02, size=shape).astype(dtype)
-        elif t.init == "residual":
-            std = 0.02 / math.sqrt(2 * spec.n_layer)
+    for t in parameters(spec):
+        shape, std = shapes[t.name], t.init_std(spec.n_layer)
+        if std is not None:
             params[t.name] = rng.normal(0.0, std, size=shape).astype(dtype)
-        elif t.init == "ones":
+        elif t.init is Init.ONES:
             params[t.name] = np.ones(shape, dtype=dtype)
-        elif t.init == "zeros":
-            params[t.name] = np.zeros(shape, dtype=dtype)
         else:
-            raise ValueError(f"unknown init kind {t.init!r} for {t.name}")
+            params[t.name] = np.zeros(shape, dtype=dtype)
     return params
 
 
 def _check_inputs(spec, params, tokens, targets):
-    sizes = param_sizes(spec.dims)
-    for name, shape in sizes.items():
+    for name, shape in param_shapes(spec).items():
         if params[name].shape != shape:
             raise ValueError(f"param {name} has shape {params[name].shape}, expected {shape}")
     tokens = np.asarray(tokens)
@@ -255,7 +250,7 @@ def _check_inputs(spec, params, tokens, targets):
 
 def forward(spec, params, tokens, targets=None):
     """The GPT-2 forward pass on tokens (B,T).  Returns (logits (B,T,Vp), mean loss as a float
-    or None without targets, cache).  The cache holds the tensors.ACTS activations by name
+    or None without targets, cache).  The cache holds the tensors.activations(spec) by name
     (per-layer ones stacked as (L,B,T,...)), plus "tokens" and "targets" for backward."""
     tokens, targets = _check_inputs(spec, params, tokens, targets)
     L, NH = spec.n_layer, spec.n_head
@@ -368,18 +363,20 @@ def lr_at(step, max_steps, lr, warmup, final_frac):
     return min_lr + coeff * (lr - min_lr)
 
 
-def adamw(params, grads, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+def adamw(spec, params, grads, m, v, t, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
           grad_scale=1.0):
     """One AdamW update, in place on params, m and v (dicts like params).  t is the 1-based step
-    for the bias correction.  Weight decay applies only to tensors with decay=True in PARAMS:
+    for the bias correction.  Weight decay applies only to the tensors whose Param has decay
+    (the 2-D weights):
         g = grad*grad_scale;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
         p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd p)"""
     lr, beta1, beta2, eps = float(lr), float(beta1), float(beta2), float(eps)
     grad_scale = float(grad_scale)
     bc1 = 1.0 - beta1 ** t
     bc2 = 1.0 - beta2 ** t
+    decayed = {p.name for p in parameters(spec) if p.decay}
     for name, param in params.items():
-        wd = float(weight_decay) if DECAY[name] else 0.0
+        wd = float(weight_decay) if name in decayed else 0.0
         g = grads[name] * grad_scale
         m[name] *= beta1
         m[name] += (1.0 - beta1) * g
@@ -412,5 +409,5 @@ def train_step(spec, params, m, v, t, batches, lr, weight_decay, grad_clip):
                 total[name] += grads[name]
     norm = grad_norm(total)
     scale = grad_clip / norm if grad_clip > 0 and norm > grad_clip else 1.0
-    adamw(params, total, m, v, t, lr, weight_decay=weight_decay, grad_scale=scale)
+    adamw(spec, params, total, m, v, t, lr, weight_decay=weight_decay, grad_scale=scale)
     return loss_sum / n, norm

@@ -8,7 +8,6 @@ tokenizer file.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from .fileio import read_model_spec
 from .prepare import SHARD_TOKENS, TOKENIZER_FILE, VAL_FRACTION, find_sources, is_prepared, prepare
 from .spec import Spec
 from .tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2, write_c_tokenizer
+from .trainer_output import parse_step, parse_val
 
 Echo = Callable[[str], None]
 
@@ -129,14 +129,12 @@ def train(spec: Spec, inputs: list[str], out_dir: str | Path, *, steps: int, bat
                 sample_lines = None
             else:
                 sample_lines.append(line)
-        elif line.startswith("step "):
-            m = re.match(r"step (\d+)/\d+ \| loss ([0-9.naif+-]+)", line)
-            if m:
-                step, train_loss = int(m.group(1)), float(m.group(2))
+        elif (parsed := parse_step(line)) is not None:
+            step, train_loss = parsed.step, parsed.loss
             if step == 1 or step % every == 0 or step == steps:
                 echo(line)
-        elif line.startswith("val loss "):
-            val_loss = float(line.split()[2])
+        elif (parsed_val := parse_val(line)) is not None:
+            val_loss = parsed_val
             echo(f"val loss {val_loss:.4f} after {step} step{'s' if step != 1 else ''}")
         elif line == "---":
             sample_lines = []

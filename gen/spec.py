@@ -10,8 +10,8 @@ A spec file is flat TOML:
     padded_vocab_size = 50304   # optional: vocab_size rounded up to a multiple of 128
     max_seq_len = 1024
 
-Everything derived from these (head size, parameter counts, memory, FLOPs) is computed
-here, in Python, never in the templates.
+Everything derived from these (head size, parameter counts, FLOPs) is computed here or in
+tensors.py (from the tensor list), in Python, never in the templates.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from . import tensors
 from .errors import LlmgenError
 
 VOCAB_PAD_MULTIPLE = 128
@@ -135,15 +136,21 @@ def differences(a: Spec, b: Spec) -> str:
                      for key in INT_KEYS if getattr(a, FIELDS[key][0]) != getattr(b, FIELDS[key][0]))
 
 
-def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("llmgen.presets").iterdir()
-                  if p.name.endswith(".toml"))
+TEST_PRESET_PREFIX = "test-"  # presets for the test suite, kept out of the command line's help
+
+
+def preset_names(tests: bool = True) -> list[str]:
+    """The preset specs, smallest model first; the test presets (named test-...) last, or
+    left out with tests=False."""
+    names = [p.name[:-5] for p in resources.files("llmgen.presets").iterdir() if p.name.endswith(".toml")]
+    by_size = sorted(names, key=lambda n: (n.startswith(TEST_PRESET_PREFIX), tensors.num_params(load(n)), n))
+    return [n for n in by_size if tests or not n.startswith(TEST_PRESET_PREFIX)]
 
 
 def load(name_or_path: str) -> Spec:
     """A preset name (see preset_names()) or a path to a TOML file."""
     path = Path(name_or_path)
-    if name_or_path in preset_names():
+    if resources.files("llmgen.presets").joinpath(name_or_path + ".toml").is_file() and "/" not in name_or_path:
         text = resources.files("llmgen.presets").joinpath(name_or_path + ".toml").read_text()
         source = f"preset {name_or_path}"
     elif path.suffix == ".toml" or path.exists() or "/" in name_or_path:
@@ -162,3 +169,23 @@ def load(name_or_path: str) -> Spec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{source}: not valid TOML ({e})") from None
     return from_dict(raw, source)
+
+
+def flops_per_token(spec: Spec, T: int) -> dict[str, int]:
+    """Training FLOPs per token (forward and backward) at sequence length T, counted the
+    usual way for MFU: the matmuls and the attention; elementwise work (layernorm, GELU,
+    softmax, residuals, AdamW) is not counted.
+
+    matmul: a weight matrix used as x @ W^T costs 2 FLOPs (a multiply and an add) per weight
+      per token forward, and 4 backward (dinp and dweight): 6 per weight per token, over the
+      tensors marked `matmul` in the tensor list. For GPT-2 those are, per layer, qkvw 3C*C +
+      attprojw C*C + fcw 4C*C + fcprojw 4C*C = 12 C^2, and the tied classifier wte, Vp*C (the
+      trainer computes the padded rows too):  matmul = 6 * (L * 12 C^2 + Vp * C)
+    attention: causal, so position t scores t + 1 keys; q.k and att @ v each cost 2*C*(t+1)
+      FLOPs per layer forward. Averaged over t = 0..T-1 that is 2*C*(T+1) per token, and
+      backward twice that:  attention = 6 * L * C * (T + 1)
+    """
+    dims = spec.dims
+    matmul = 6 * sum(tensors.numel(p.shape, dims) for p in tensors.parameters(spec) if p.matmul)
+    attention = 6 * spec.n_layer * spec.n_embd * (T + 1)
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}

@@ -21,7 +21,7 @@ from .emit import emit, make
 from .errors import LlmgenError
 from .fileio import from_bf16, to_bf16, write_model, write_shard
 from .spec import Spec
-from .tensors import PARAMS, num_params, unflatten
+from .tensors import num_params, parameters, unflatten
 
 # Tolerances for float32 C against the float64 reference. Seen on gpt2-124m sizes with
 # 2 layers: about 1e-6 forward, 7e-6 for gradients, 3e-7 for losses and norms, and 5e-4
@@ -64,7 +64,7 @@ def verify_params(spec: Spec, seed: int) -> dict[str, np.ndarray]:
     """A random model with every tensor perturbed, so that no layernorm is the identity."""
     params = ref.init_params(spec, seed=seed, dtype=np.float32)
     rng = np.random.default_rng(seed + 1)
-    for t in PARAMS:
+    for t in parameters(spec):
         params[t.name] = (params[t.name] + rng.normal(0, 0.05, params[t.name].shape)).astype(np.float32)
     return params
 
@@ -120,7 +120,7 @@ def run_harness(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: in
     if result.returncode != 0:
         raise LlmgenError(f"{exe} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
     out = np.fromfile(out_path, dtype="<f4")
-    n = num_params(spec.dims)
+    n = num_params(spec)
     parts, off = {}, 0
 
     def take(name, count, shape=None):
@@ -178,8 +178,8 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
     c = run_harness(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads)
     rows = [Row("logits", rel_error(c["logits"], logits), tol["forward"]),
             Row("loss", rel_error(c["loss"], [loss]), tol["forward"])]
-    cgrads = unflatten(c["grads"], spec.dims)
-    rows += [Row(f"grad {t.name}", rel_error(cgrads[t.name], grads[t.name]), tol["grad"]) for t in PARAMS]
+    cgrads = unflatten(c["grads"], spec)
+    rows += [Row(f"grad {t.name}", rel_error(cgrads[t.name], grads[t.name]), tol["grad"]) for t in parameters(spec)]
 
     m = {k: np.zeros_like(v) for k, v in p64.items()}
     v = {k: np.zeros_like(v) for k, v in p64.items()}
@@ -192,9 +192,9 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
         norms.append(norm_s)
     rows.append(Row(f"losses ({steps} steps)", rel_error(c["train"][:, 0], losses), tol["curve"]))
     rows.append(Row(f"grad norms ({steps} steps)", rel_error(c["train"][:, 1], norms), tol["curve"]))
-    cparams = unflatten(c["params"], spec.dims)
+    cparams = unflatten(c["params"], spec)
     C = spec.n_embd
-    for t in PARAMS:
+    for t in parameters(spec):
         cp, rp = cparams[t.name], p64[t.name]
         name = f"param {t.name} after {steps} steps"
         if t.name == "qkvb":

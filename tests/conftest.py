@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llmgen import spec as specs
+from llmgen import trainer_output
 from llmgen.emit import emit, make
 from llmgen.fileio import write_shard
 from llmgen.synthetic import markov_tokens
@@ -45,13 +46,8 @@ def run_trainer(exe, *args, threads=2, check=True):
 
 
 def step_losses(stdout: str) -> dict[int, float]:
-    """{step: loss} from the trainer's 'step N/M | loss X | ...' lines."""
-    out = {}
-    for line in stdout.splitlines():
-        if line.startswith("step "):
-            fields = line.split("|")
-            out[int(fields[0].split()[1].split("/")[0])] = float(fields[1].split()[1])
-    return out
+    """{step: loss} from the trainer's step lines."""
+    return {n: s.loss for n, s in trainer_output.steps(stdout).items()}
 
 
 def random_tokens(n, vocab, seed=0):

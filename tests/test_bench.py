@@ -43,4 +43,4 @@ def test_bench_refuses_bad_sizes(tmp_path):
     bad = llmgen("bench", "--spec", "test-tiny", "-t", 33, "--build-dir", tmp_path)
     assert bad.returncode == 1 and "max_seq_len 32" in bad.stderr and "Traceback" not in bad.stderr
     bad = llmgen("bench", "--spec", "test-tiny", "--steps", 0, "--build-dir", tmp_path)
-    assert bad.returncode == 1 and "--steps" in bad.stderr
+    assert bad.returncode == 2 and "--steps" in bad.stderr

@@ -7,7 +7,7 @@ from conftest import llmgen
 
 @pytest.mark.parametrize("command", [[], ["emit"], ["info"], ["verify"], ["bench"], ["presets"], ["train"], ["sample"],
                                      ["data"], ["data", "synthetic"], ["data", "prepare"], ["data", "tokenizer"],
-                                     ["import-hf"], ["export-hf"]])
+                                     ["import-hf"], ["export-hf"], ["report"]])
 def test_help_on_every_command(command):
     result = llmgen(*command, "--help")
     assert result.returncode == 0 and "Usage: " in result.stdout
@@ -19,8 +19,9 @@ def test_info_for_gpt2_124m():
     out = result.stdout
     assert "parameters: 124,439,808 (124,475,904 with the padded vocab)" in out
     assert "AdamW m and v" in out and "activations (B=4, T=64)" in out
-    # 6N + 6LCT at T=64
-    assert f"{6 * 124_475_904 + 6 * 12 * 768 * 64:,}" in out
+    # 6 per matmul weight (12 C^2 per layer and the tied classifier Vp C) + 6LC(T+1), at T=64
+    L, C, Vp, T = 12, 768, 50304, 64
+    assert f"training FLOPs per token: {6 * (L * 12 * C * C + Vp * C) + 6 * L * C * (T + 1):,} at T=64" in out
 
 
 def test_info_with_overrides_and_bad_sizes():
@@ -39,3 +40,53 @@ def test_synthetic_data(tmp_path):
     train = read_shard(tmp_path / "train_000000.bin")
     assert train.size == 1000 and train.max() < 97
     assert read_shard(tmp_path / "val_000000.bin").size == 100
+
+
+def test_help_lists_commands_in_workflow_order_with_whole_descriptions():
+    out = llmgen("--help").stdout
+    assert "Start here: llmgen train" in out
+    rows = out.split("Commands:")[1].strip("\n").splitlines()
+    assert all(line.startswith("  ") and not line.startswith("   ") for line in rows)  # one line each: not wrapped
+    commands = [line.split()[0] for line in rows]
+    assert commands == ["train", "sample", "data", "emit", "info", "presets", "verify", "bench", "report",
+                        "import-hf", "export-hf"]
+    assert "..." not in out.split("Commands:")[1]  # short_help: no description is cut
+
+
+def test_every_option_has_help_and_presets_are_listed_by_size_without_the_test_ones():
+    import click
+    from llmgen.cli import cli
+
+    def commands(group):
+        for cmd in group.commands.values():
+            yield from commands(cmd) if isinstance(cmd, click.Group) else [cmd]
+    for cmd in commands(cli):
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, f"{cmd.name} {param.opts}"
+    spec_help = next(p.help for p in cli.commands["info"].params if p.name == "spec_name")
+    assert "gpt2-tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1558m" in spec_help and "test-" not in spec_help
+    listed = llmgen("presets").stdout.splitlines()
+    assert [line.split()[0] for line in listed[:5]] == ["gpt2-tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"]
+    assert listed[5] == "for tests:" and {line.split()[0] for line in listed[6:]} == {"test-tiny", "test-odd"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "--spec", "nope"], "error: 'nope' is neither a preset"),
+    (["info", "-b", "0"], "error: Invalid value for '-b': 0 is not in the range x>=1. (see llmgen info --help)"),
+    (["emit", "--frobnicate"], "error: No such option '--frobnicate'. (see llmgen emit --help)"),
+    (["frobnicate"], "error: No such command 'frobnicate'. (see llmgen --help)"),
+])
+def test_every_error_is_one_error_line(args, message):
+    result = llmgen(*args)
+    assert result.returncode == (1 if "neither" in message else 2) and "Traceback" not in result.stderr
+    assert result.stderr.replace("python -m llmgen", "llmgen").startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_info_and_bench_count_the_same_flops():
+    from llmgen import spec as specs
+    from llmgen.bench import flops_per_token as bench_flops
+    s = specs.load("gpt2-124m")
+    assert bench_flops is specs.flops_per_token
+    assert specs.flops_per_token(s, 64)["total"] == 745_003_008

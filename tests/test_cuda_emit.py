@@ -29,9 +29,11 @@ KERNELS = ["encoder_forward_kernel", "encoder_backward_wpe_kernel", "encoder_bac
 
 
 def usage_lines(src: str) -> list[str]:
-    """The lines of the usage text in an emitted main."""
+    """The lines of the usage text in an emitted main, but the default -t (64 on the CPU, the
+    whole context on a GPU)."""
     start = src.index('"usage: ./')
-    return src[start:src.index("exit(status);", start)].splitlines()
+    text = src[start:src.index("exit(status);", start)]
+    return re.sub(r"MAX_SEQ_LEN, \d+\);", "MAX_SEQ_LEN, DEFAULT_T);", text).splitlines()
 
 
 @pytest.mark.parametrize("name", specs.preset_names())
@@ -45,7 +47,8 @@ def test_every_preset_emits_cuda(name):
             src = files["train_gpt2.cu"]
             assert src == render(specs.load(name), "cuda", precision, matmul)["train_gpt2.cu"]  # deterministic
             assert f"#define HEAD_SIZE {spec.head_size} " in src and f"#define CHANNELS {spec.n_embd} " in src
-            assert "nvcc -O3 --use_fast_math -arch=native train_gpt2.cu -lcublas -lcublasLt -o train_gpt2cu" in src
+            link = " -lcublasLt" if matmul == "cublaslt" else ""
+            assert f"nvcc -O3 --use_fast_math -arch=native train_gpt2.cu{link} -o train_gpt2cu" in src
             for kernel in KERNELS:
                 assert f'extern "C" __global__ void {kernel}(' in src, kernel
             assert ("typedef __nv_bfloat16 floatX;" in src) == (precision == "bf16")

@@ -3,7 +3,7 @@ of the same name, on fresh random inputs, in fp32 and bf16.
 
 The kernels come from llmgen's kernels-only render (render_kernels), compiled by PyCUDA with
 SourceModule(source, no_extern_c=True), and are launched with the shapes their host functions
-use (emit.kernel_constants). Outputs are poisoned (every byte 0xFF: NaN in fp32 and bf16)
+use (emit.kernel_values). Outputs are poisoned (every byte 0xFF: NaN in fp32 and bf16)
 before each launch, so an element a kernel forgets to write fails the comparison; outputs
 that kernels accumulate into (+=) start from random values instead. The reference runs in
 float64 on exactly the values the GPU holds (rounded to bf16 first in bf16). Errors are
@@ -21,7 +21,7 @@ import pytest
 
 from llmgen import reference as ref
 from llmgen import spec as specs
-from llmgen.emit import kernel_constants, render_kernels
+from llmgen.emit import kernel_values, render_kernels
 from llmgen.verify import round_to_bf16
 
 pytestmark = pytest.mark.gpu
@@ -60,7 +60,7 @@ class Gpu:
         self.bf16 = precision == "bf16"
         self.tol = TOL[precision]
         self.drv, self.gpuarray = drv, gpuarray
-        self.k = kernel_constants(self.spec)
+        self.k = kernel_values(self.spec)
         self.module = SourceModule(render_kernels(self.spec, precision), no_extern_c=True)
 
     def fn(self, name):
@@ -411,7 +411,7 @@ def test_adamw(gpu):
     v0 = np.abs(r.normal(0, 0.1, n)).astype(np.float32)
     want = {"wte": (master0 if gpu.bf16 else params0).astype(np.float64)}  # "wte" has weight decay
     want_m, want_v = {"wte": m0.astype(np.float64)}, {"wte": v0.astype(np.float64)}
-    ref.adamw(want, {"wte": grads.astype(np.float64)}, want_m, want_v, t, lr, beta1, beta2, eps, wd, grad_scale)
+    ref.adamw(gpu.spec, want, {"wte": grads.astype(np.float64)}, want_m, want_v, t, lr, beta1, beta2, eps, wd, grad_scale)
     params, m, v = gpu.to_x(params0), gpu.f32(m0), gpu.f32(v0)
     master = gpu.f32(master0) if gpu.bf16 else None
     bs = gpu.k["BLOCK_SIZE"]

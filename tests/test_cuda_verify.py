@@ -10,6 +10,8 @@ from llmgen import spec as specs
 from llmgen.emit import emit, make
 from llmgen.verify import cuda_device_problem, verify
 
+from llmgen import trainer_output
+
 from conftest import llmgen, run_trainer, step_losses
 
 PROBLEM = cuda_device_problem()
@@ -87,9 +89,8 @@ def test_cuda_loss_falls_and_logs_like_c(cuda_trainer, tiny_data, tmp_path):
     line = next(line for line in result.stdout.splitlines() if line.startswith("step 1/60"))
     assert [f.strip().split()[0] for f in line.split("|")][:4] == ["step", "loss", "lr", "norm"]
     assert "total batch 64 tokens in 1 micro-batch; 60 steps; " in result.stdout and " matmuls" in result.stdout
-    lines = result.stdout.splitlines()
-    samples = [lines[i + 1] for i, line in enumerate(lines) if line.startswith("generated token ids")]
-    assert len(samples) == 2 and all(0 <= int(x) < 64 for x in samples[0].split())
+    samples = trainer_output.samples(result.stdout)
+    assert len(samples) == 2 and len(samples[0].split()) == 20 and all(0 <= int(x) < 64 for x in samples[0].split())
     log = (tmp_path / "main.log").read_text().splitlines()
     assert log[0].startswith("s:0 tel:") and sum("trl:" in line for line in log) == 60
 

@@ -8,7 +8,7 @@ import pytest
 from llmgen import __version__
 from llmgen import spec as specs
 from llmgen.emit import emit, render
-from llmgen.tensors import ACTS, PARAMS
+from llmgen.tensors import activations, parameters
 
 from conftest import llmgen
 
@@ -33,9 +33,9 @@ def test_sizes_are_constants_and_tensors_come_from_the_list():
     for name, value in [("NUM_LAYERS", 24), ("NUM_HEADS", 16), ("CHANNELS", 1024), ("VOCAB_SIZE", 50257),
                         ("PADDED_VOCAB_SIZE", 50304), ("MAX_SEQ_LEN", 1024)]:
         assert re.search(rf"^#define {name} {value}\b", src, re.M), name
-    for t in PARAMS:
+    for t in parameters(specs.load("gpt2-350m")):
         assert re.search(rf"float\* {t.name}; +// \({','.join(t.shape)}\)", src), t.name
-    for t in ACTS:
+    for t in activations(specs.load("gpt2-350m")):
         assert re.search(rf"float\* {t.name}; +// \({','.join(t.shape)}\)", src), t.name
     assert "#ifndef TESTING\n" in src
     for layer in ["encoder", "layernorm", "matmul", "attention", "gelu", "residual"]:

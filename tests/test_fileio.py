@@ -12,7 +12,7 @@ from llmgen import reference as ref
 from llmgen import spec as specs
 from llmgen.errors import LlmgenError
 from llmgen.fileio import from_bf16, read_model, read_model_spec, to_bf16, write_model
-from llmgen.tensors import PARAMS, num_params
+from llmgen.tensors import num_params, parameters
 from llmgen.verify import build, rel_error, run_harness
 
 ODD = specs.load("test-odd")
@@ -41,8 +41,8 @@ def test_fp32_round_trip_is_exact(tmp_path):
     write_model(tmp_path / "m.bin", ODD, params)
     spec, back, version = read_model(tmp_path / "m.bin", with_version=True)
     assert spec == ODD and spec.name == "m" and version == 3
-    assert (tmp_path / "m.bin").stat().st_size == 1024 + 4 * num_params(ODD.dims)
-    for t in PARAMS:
+    assert (tmp_path / "m.bin").stat().st_size == 1024 + 4 * num_params(ODD)
+    for t in parameters(ODD):
         assert back[t.name].dtype == np.float32
         assert np.array_equal(back[t.name].view(np.uint32), params[t.name].view(np.uint32)), t.name
 
@@ -50,11 +50,11 @@ def test_fp32_round_trip_is_exact(tmp_path):
 def test_bf16_round_trip(tmp_path):
     params = ref.init_params(ODD, seed=2)
     write_model(tmp_path / "m5.bin", ODD, params, version=5)
-    assert (tmp_path / "m5.bin").stat().st_size == 1024 + 2 * num_params(ODD.dims)
+    assert (tmp_path / "m5.bin").stat().st_size == 1024 + 2 * num_params(ODD)
     assert read_model_spec(tmp_path / "m5.bin") == (ODD, 5)
     spec, back, version = read_model(tmp_path / "m5.bin", with_version=True)
     assert spec == ODD and version == 5
-    for t in PARAMS:
+    for t in parameters(ODD):
         expected = from_bf16(to_bf16(params[t.name]))
         assert np.array_equal(back[t.name], expected), t.name
         # normwise error of a whole tensor is within the per-value bound
@@ -64,7 +64,7 @@ def test_bf16_round_trip(tmp_path):
     assert (tmp_path / "again5.bin").read_bytes() == (tmp_path / "m5.bin").read_bytes()
     write_model(tmp_path / "as3.bin", ODD, back, version=3)
     _, back3 = read_model(tmp_path / "as3.bin")
-    assert all(np.array_equal(back3[t.name], back[t.name]) for t in PARAMS)
+    assert all(np.array_equal(back3[t.name], back[t.name]) for t in parameters(ODD))
 
 
 def test_bf16_rounds_to_nearest_even():
@@ -115,7 +115,7 @@ def test_bf16_special_values():
 def test_bad_model_files(tmp_path):
     write_model(tmp_path / "m5.bin", ODD, ref.init_params(ODD), version=5)
     data = (tmp_path / "m5.bin").read_bytes()
-    need = 2 * num_params(ODD.dims)
+    need = 2 * num_params(ODD)
     cases = {
         "truncated.bin": (data[:-2], f"holds {need - 2} bytes of parameters, its header's sizes need {need} (bf16, version 5)"),
         "version.bin": (data[:4] + struct.pack("<i", 4) + data[8:], "version 4 is not supported"),

@@ -134,7 +134,7 @@ def fails(result, message):
     """One clear line on stderr naming the problem, and exit status 1."""
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0], (message, lines[0])
     return lines[0]
 

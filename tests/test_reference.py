@@ -8,7 +8,7 @@ import pytest
 
 from llmgen import reference as ref
 from llmgen import spec as specmod
-from llmgen.tensors import ACTS, PARAMS, param_sizes
+from llmgen.tensors import activations, param_shapes, parameters, sizes
 
 # The test-tiny and test-odd presets (spec/*.toml), built inline so the tests do not depend on
 # how the presets are packaged.  test-odd has 3 heads and V=97 < Vp=128, so padding is exercised.
@@ -23,8 +23,8 @@ def random_params(spec, seed, dtype=np.float64):
     part) so that every term of every gradient matters."""
     rng = np.random.default_rng(seed)
     params = {}
-    for t in PARAMS:
-        shape = param_sizes(spec.dims)[t.name]
+    for t in parameters(spec):
+        shape = param_shapes(spec)[t.name]
         if t.init == "ones":
             x = 1.0 + 0.3 * rng.standard_normal(shape)
         elif t.init == "zeros":
@@ -113,9 +113,9 @@ def test_cache_has_every_activation_with_its_shape(spec):
     tokens, targets = random_batch(spec, B, T, seed=0)
     logits, loss, cache = ref.forward(spec, p, tokens, targets)
     dims = dict(spec.dims, B=B, T=T)
-    for a in ACTS:
+    for a in activations(spec):
         assert a.name in cache, a.name
-        assert cache[a.name].shape == a.sizes(dims), a.name
+        assert cache[a.name].shape == sizes(a.shape, dims), a.name
         assert cache[a.name].dtype == np.float32, a.name
     assert cache["logits"] is logits
     assert float(cache["losses"].mean()) == pytest.approx(loss, rel=1e-6)
@@ -153,9 +153,9 @@ def test_loss_at_init_is_about_ln_vocab():
 def test_init_params_follow_the_tensor_list():
     p32 = ref.init_params(ODD, seed=7)
     p64 = ref.init_params(ODD, seed=7, dtype=np.float64)
-    sizes = param_sizes(ODD.dims)
-    assert list(p32) == [t.name for t in PARAMS]
-    for t in PARAMS:
+    sizes = param_shapes(ODD)
+    assert list(p32) == [t.name for t in parameters(ODD)]
+    for t in parameters(ODD):
         a = p32[t.name]
         assert a.shape == sizes[t.name] and a.dtype == np.float32
         assert p64[t.name].dtype == np.float64
@@ -339,7 +339,7 @@ def test_adamw_single_element_by_hand():
     v = {k: 0.01 * rng.random(v.shape) for k, v in p.items()}
     before = {k: (p[k].copy(), m[k].copy(), v[k].copy()) for k in p}
     t, lr, b1, b2, eps, wd, gs = 3, 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5
-    ref.adamw(p, grads, m, v, t, lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, grad_scale=gs)
+    ref.adamw(TINY, p, grads, m, v, t, lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, grad_scale=gs)
     for name, idx, decays in (("wte", (1, 2), True), ("qkvw", (1, 5, 3), True),
                               ("ln1w", (0, 3), False), ("qkvb", (1, 7), False), ("lnfb", (4,), False)):
         p0, m0, v0 = (float(a[idx]) for a in before[name])
@@ -352,7 +352,7 @@ def test_adamw_single_element_by_hand():
         assert float(v[name][idx]) == pytest.approx(v1, rel=1e-12), name
         assert float(p[name][idx]) == pytest.approx(p1, rel=1e-12, abs=1e-15), name
     # the decay flags come from the tensor list: 2-D weights decay, biases and norms do not
-    assert [t.name for t in PARAMS if t.decay] == ["wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"]
+    assert [t.name for t in parameters(TINY) if t.decay] == ["wte", "wpe", "qkvw", "attprojw", "fcw", "fcprojw"]
 
 
 def test_adamw_keeps_float32():
@@ -360,7 +360,7 @@ def test_adamw_keeps_float32():
     grads = {k: np.ones_like(a) for k, a in p.items()}
     m = {k: np.zeros_like(a) for k, a in p.items()}
     v = {k: np.zeros_like(a) for k, a in p.items()}
-    ref.adamw(p, grads, m, v, 1, np.float64(1e-3), weight_decay=np.float64(0.1))
+    ref.adamw(TINY, p, grads, m, v, 1, np.float64(1e-3), weight_decay=np.float64(0.1))
     assert all(a.dtype == np.float32 for d in (p, m, v) for a in d.values())
     # first step with m=v=0: the update is lr * g/|g| (+ decay) = -1e-3 on the ln weights
     np.testing.assert_allclose(p["ln1w"], 1 - 1e-3, rtol=1e-6)
@@ -406,7 +406,7 @@ def test_train_step_clips_and_reports_the_unclipped_norm():
     norm = ref.grad_norm(grads)
     assert norm == pytest.approx(math.sqrt(sum(float((g ** 2).sum()) for g in grads.values())))
     clip = norm / 4
-    ref.adamw(q, grads, mq, vq, 2, 1e-3, weight_decay=0.1, grad_scale=clip / norm)
+    ref.adamw(spec, q, grads, mq, vq, 2, 1e-3, weight_decay=0.1, grad_scale=clip / norm)
     got_loss, got_norm = ref.train_step(spec, p, m, v, 2, [(tokens, targets)], 1e-3, 0.1, clip)
     assert got_loss == loss and got_norm == pytest.approx(norm, rel=1e-14)
     for k in p:

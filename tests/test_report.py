@@ -153,7 +153,7 @@ def test_report_of_a_real_run(runs):
     page = (run / "report.html").read_text()
     assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in page
     assert page.startswith("<!DOCTYPE html>") and "<td>base</td><td>30</td>" in page
-    assert "tokens" not in page.split("<table>")[1].split("</table>")[0]   # today's log has no token counts
+    assert "tokens" in page.split("<table>")[1].split("</table>")[0]   # the trainer logs its token counts
     log = report.read_run(run)
     assert log.series("trl")[0] == list(range(30)) and sorted(log.val) == [0, 10, 20, 30]
     assert all(math.isfinite(v) for v in log.series("trl")[1])
@@ -218,7 +218,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     for run_dir, message in cases.items():
         r = CliRunner().invoke(cli, ["report", str(run_dir)])
         assert r.exit_code == 1, (run_dir, r.output)
-        assert r.output.startswith(f"Error: {message}") and r.output.count("\n") == 1, r.output
+        assert r.output.startswith(f"error: {message}") and r.output.count("\n") == 1, r.output
         assert not (run_dir / "report.html").exists() if run_dir.is_dir() else True
     # one bad dir among good ones fails the whole report, before anything is written
     good = write_log(tmp_path / "good", OLD)
@@ -233,7 +233,7 @@ def test_without_matplotlib_one_line_and_exit_1(tmp_path):
             f"sys.argv = ['llmgen', 'report', {str(run)!r}]; main()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr == 'Error: llmgen report needs matplotlib: pip install "llmgen[report]"\n'
+    assert r.stderr == 'error: llmgen report needs matplotlib: pip install "llmgen[report]"\n'
     assert r.stdout == "" and not (run / "report.png").exists()
     code = "import sys; sys.modules['matplotlib'] = None; from llmgen import report; print(report.have_matplotlib())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "False\n"

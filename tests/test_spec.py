@@ -18,8 +18,8 @@ def test_presets_load_with_gpt2_sizes():
 
 def test_gpt2_124m_parameter_count():
     s = specs.load("gpt2-124m")
-    assert num_params({**s.dims, "Vp": s.vocab_size}) == 124_439_808
-    assert num_params(s.dims) == 124_475_904
+    assert num_params(s, padded=False) == 124_439_808
+    assert num_params(s) == 124_475_904
 
 
 def test_overrides_make_a_new_checked_spec():

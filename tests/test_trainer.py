@@ -11,6 +11,8 @@ from llmgen import spec as specs
 from llmgen.fileio import model_header, read_model, write_model, write_shard
 from llmgen.reference import init_params
 
+from llmgen import trainer_output
+
 from conftest import random_tokens, run_trainer, step_losses
 
 COMMON = ["-b", 4, "-t", 16, "-v", 1000, "-s", 0, "-l", 3e-3]
@@ -48,8 +50,7 @@ def test_help_and_bad_flags(tiny_trainer):
 
 def test_sampling_prints_token_ids(tiny_trainer, tiny_data):
     result = run_trainer(tiny_trainer, *data_args(tiny_data), *COMMON, "-x", 2, "-s", 1, "-g", 40)
-    lines = result.stdout.splitlines()
-    samples = [lines[i + 2] for i, line in enumerate(lines) if line == "generating:" and lines[i + 1] == "---"]
+    samples = trainer_output.samples(result.stdout)
     assert len(samples) == 2  # at step 1 and the last step
     ids = [int(x) for x in samples[0].split()]
     assert len(ids) == 40 and all(0 <= i < 64 for i in ids)  # 40 > T=16: the context slides
