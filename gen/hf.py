@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LlmgenError
-from .fileio import from_bf16, write_atomic
+from .fileio import from_bf16, open_regular, read_regular, write_atomic
 from .spec import Spec, from_dict, padded
 from .tensors import PARAMS, param_sizes
 
@@ -77,13 +78,11 @@ class SafeTensors:
 
     def __init__(self, path: str | Path):
         self.path = path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
-        except FileNotFoundError:
-            raise LlmgenError(f"{path}: no such file") from None
-        except OSError as e:
-            raise LlmgenError(f"{path}: cannot read ({e.strerror})") from None
+        with open_regular(path, "safetensors file") as f:
+            try:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+            except OSError as e:
+                raise LlmgenError(f"{path}: cannot read ({e.strerror})") from None
         size = len(self._map)
         if size < 8:
             raise LlmgenError(f"{path}: truncated safetensors file ({size} bytes, shorter than its 8-byte header length)")
@@ -166,9 +165,7 @@ def _find_files(source: Path) -> tuple[Path, Path | None]:
 
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise LlmgenError(f"{path}: cannot read ({e.strerror})") from None
+        config = json.loads(read_regular(path, "model config").decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlmgenError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):

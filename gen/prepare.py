@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LlmgenError
-from .fileio import write_atomic, write_shard
+from .fileio import read_regular, write_atomic, write_shard
 from .tokenizer import EOT_TOKEN, RANKS_SHA256, data_file, gpt2, write_c_tokenizer
 
 EMBEDDED = {"shakespeare": "shakespeare.txt"}   # names that mean a corpus shipped with llmgen
@@ -72,10 +72,7 @@ def find_sources(inputs: list[str]) -> list[Source]:
 
 def read_text(source: Source, errors: str = "strict") -> str:
     """The file's text; binary files and (unless errors='replace') invalid UTF-8 are refused."""
-    try:
-        data = source.path.read_bytes()
-    except OSError as e:
-        raise LlmgenError(f"{source.label}: cannot read ({e.strerror})") from None
+    data = read_regular(source.path, "text file")
     nul = data.find(b"\0")
     if nul >= 0:
         raise LlmgenError(f"{source.label}: looks like a binary file (NUL byte at offset {nul}), not text")

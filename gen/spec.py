@@ -147,12 +147,13 @@ def load(name_or_path: str) -> Spec:
         text = resources.files("llmgen.presets").joinpath(name_or_path + ".toml").read_text()
         source = f"preset {name_or_path}"
     elif path.suffix == ".toml" or path.exists() or "/" in name_or_path:
+        from .fileio import read_regular  # (fileio imports this module)
         source = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SpecError(f"{path}: no such spec file") from None
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_regular(path, "spec file").decode("utf-8")
+        except LlmgenError as e:
+            raise SpecError(str(e)) from None
+        except UnicodeDecodeError as e:
             raise SpecError(f"{path}: cannot read spec file ({e})") from None
     else:
         raise SpecError(f"'{name_or_path}' is neither a preset ({', '.join(preset_names())}) "

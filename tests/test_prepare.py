@@ -1,11 +1,12 @@
 """`llmgen data prepare`: text to shards and back, and every kind of bad input."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from conftest import llmgen
+from conftest import llmgen, refused
 from llmgen.fileio import read_shard
 from llmgen.prepare import prepare
 from llmgen.tokenizer import EOT_TOKEN, gpt2, read_c_tokenizer
@@ -146,3 +147,14 @@ def test_progress_bar_on_large_input(tmp_path, monkeypatch, capsys):
     (tmp_path / "small.txt").write_text("small\n" * 10)
     prep.prepare([str(tmp_path / "small.txt")], tmp_path / "out2", progress=True)
     assert capsys.readouterr().err == ""
+
+
+def test_fifo_inputs_do_not_block(tmp_path):
+    """A FIFO named as an input is refused; one inside an input folder is no document (skipped)."""
+    src = write_docs(tmp_path / "corpus")
+    os.mkfifo(src / "pipe.txt")
+    r = llmgen("data", "prepare", src, "-o", tmp_path / "out", "--val-tokens", 10, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert read_back(tmp_path / "out") == [DOCS["a.txt"], DOCS["b.txt"], DOCS["sub/c.md"]]
+    refused(llmgen("data", "prepare", src / "pipe.txt", "-o", tmp_path / "out2", timeout=20), "pipe.txt: ")
+    assert not (tmp_path / "out2").exists()
