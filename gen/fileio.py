@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LlmgenError
-from .spec import Spec, from_dict
+from .spec import Spec, from_dict, safe_name
 from .tensors import PARAMS, num_params, param_sizes, unflatten
 
 HEADER_INTS = 256
@@ -177,7 +177,7 @@ def write_model(path, spec: Spec, params: dict[str, np.ndarray], version: int = 
 
 
 def spec_from_header(header: np.ndarray, source: str, name: str | None = None) -> Spec:
-    raw = {"name": name or Path(source).stem, "max_seq_len": int(header[2]), "vocab_size": int(header[3]),
+    raw = {"name": safe_name(name or Path(source).stem), "max_seq_len": int(header[2]), "vocab_size": int(header[3]),
            "layers": int(header[4]), "heads": int(header[5]), "channels": int(header[6]),
            "padded_vocab_size": int(header[7])}
     return from_dict(raw, source)

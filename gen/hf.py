@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import LlmgenError
 from .fileio import from_bf16, open_regular, read_regular, write_atomic
-from .spec import Spec, from_dict, padded
+from .spec import Spec, from_dict, padded, safe_name
 from .tensors import PARAMS, param_sizes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -250,7 +250,7 @@ def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: i
         notes.append(f"no config.json: assuming GPT-2's head size 64, so {heads} heads (--heads sets them)")
     if padded_vocab_size is None:
         padded_vocab_size = config.get(PADDING_KEY, padded(V)) if config else padded(V)
-    raw = {"name": name, "layers": L, "heads": heads, "channels": C, "vocab_size": V,
+    raw = {"name": safe_name(name), "layers": L, "heads": heads, "channels": C, "vocab_size": V,
            "padded_vocab_size": padded_vocab_size, "max_seq_len": maxT}
     spec = from_dict(raw, str(config_path or model_path))
 

@@ -9,6 +9,7 @@ Shapes are tuples of symbolic dimension names (see Spec.dims, plus B and T for a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ class Tensor:
         return tuple(dims[d] for d in self.shape)
 
     def numel(self, dims: dict[str, int]) -> int:
-        return int(np.prod(self.sizes(dims), dtype=np.int64))
+        return math.prod(self.sizes(dims))  # exact: np.prod's int64 would wrap for absurd sizes
 
     def shape_comment(self) -> str:
         return "(" + ",".join(self.shape) + ")"

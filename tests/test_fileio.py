@@ -15,6 +15,8 @@ from llmgen.fileio import from_bf16, read_model, read_model_spec, to_bf16, write
 from llmgen.tensors import PARAMS, num_params
 from llmgen.verify import build, rel_error, run_harness
 
+from conftest import llmgen, refused
+
 ODD = specs.load("test-odd")
 
 
@@ -161,3 +163,16 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert (tmp_path / "m.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("stem", ["my model (1)", "..x", "$(shell echo hi)", "-x", ".hidden", "x" * 100, "a\nb"])
+def test_checkpoint_names_are_made_plain_not_refused(tmp_path, stem):
+    path = tmp_path / f"{stem}.bin"
+    write_model(path, ODD, ref.init_params(ODD))
+    spec, _ = read_model_spec(path)
+    assert spec == ODD and specs.valid_name(spec.name)
+    r = llmgen("info", "--spec-from", path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(spec.name + " ")
+    if stem == "my model (1)":
+        assert spec.name == "my_model__1_"
