@@ -110,6 +110,17 @@ def read_regular(path: str | os.PathLike, what: str = "file") -> bytes:
             raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
 
 
+def check_memory(path, nbytes: int, what: str) -> None:
+    """Refuse to allocate more than this machine's memory for what a file claims to hold."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if nbytes > total:
+        raise LlmgenError(f"{path}: too large to load: {what} need {nbytes / 2**30:,.1f} GiB of memory, "
+                          f"more than this machine's {total / 2**30:,.1f} GiB")
+
+
 # ---- bfloat16 ----------------------------------------------------------------------------
 def to_bf16(a) -> np.ndarray:
     """float32 values -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
@@ -206,10 +217,16 @@ def read_model(path, with_version: bool = False):
     exactly."""
     spec, version = read_model_spec(path)
     n = num_params(spec.dims)
-    if version == MODEL_VERSION_FP32:
-        flat = _read_body(Path(path), "<f4", n, "model checkpoint")
-    else:
-        flat = from_bf16(_read_body(Path(path), "<u2", n, "model checkpoint"))
+    # the file's size matches the header (read_model_spec); a sparse file can still claim
+    # more than fits in memory
+    check_memory(path, n * (4 if version == MODEL_VERSION_FP32 else 6), f"the checkpoint's {n:,} parameters")
+    try:
+        if version == MODEL_VERSION_FP32:
+            flat = _read_body(Path(path), "<f4", n, "model checkpoint")
+        else:
+            flat = from_bf16(_read_body(Path(path), "<u2", n, "model checkpoint"))
+    except MemoryError:
+        raise LlmgenError(f"{path}: not enough memory to load the model checkpoint ({n:,} parameters)") from None
     if flat.size != n:  # the file changed under us
         raise LlmgenError(f"{path}: truncated model checkpoint")
     params = unflatten(flat, spec.dims)

@@ -165,6 +165,32 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "m.bin").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+@pytest.mark.parametrize("layers, channels, heads, message", [
+    (100000, 50000, 50, "field 'channels': too large: 4 * channels * channels = 10,000,000,000 elements"),
+    (100000, 768, 12, "too large to load: the checkpoint's 708,826,621,440 parameters need 2,640.6 GiB of memory"),
+])
+def test_huge_sparse_checkpoint_is_refused_before_allocating(tmp_path, layers, channels, heads, message):
+    """A valid header claiming enormous sizes, and a sparse body as large as they need."""
+    header = np.zeros(256, dtype="<i4")
+    header[:8] = [20240326, 3, 1024, 50257, layers, heads, channels, 50304]
+    dims = {**ODD.dims, "L": layers, "NH": heads, "C": channels, "3C": 3 * channels, "4C": 4 * channels,
+            "V": 50257, "Vp": 50304, "maxT": 1024, "HS": channels // heads}
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        try:
+            f.truncate(1024 + 4 * num_params(dims))
+        except OSError:  # more than this file system holds even sparse: the header alone
+            if "memory" in message:
+                pytest.skip("the file system cannot hold a sparse file this large")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 4 * num_params(dims) <= total:
+        pytest.skip("this machine could load it")
+    r = llmgen("export-hf", path, "-o", tmp_path / "hf", timeout=120)
+    refused(r, f"{path}: ", message.split(" need ")[0])
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("stem", ["my model (1)", "..x", "$(shell echo hi)", "-x", ".hidden", "x" * 100, "a\nb"])
 def test_checkpoint_names_are_made_plain_not_refused(tmp_path, stem):
     path = tmp_path / f"{stem}.bin"
