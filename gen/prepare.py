@@ -5,15 +5,21 @@ with <|endoftext|>, as in llm.c's data scripts; the documents are concatenated, 
 tokens go to the val split and the rest to train, and each split is cut into shards of at
 most `shard_tokens` tokens of about equal size (so no shard is too small for a batch).
 
-Everything is read, checked and tokenized before the first shard is written, and each
-shard is written atomically: a bad input leaves the output dir as it was.
+Everything is read, checked and tokenized before the first shard is written: a bad input
+leaves the output dir as it was. The whole new set (shards, tokenizer file, prepare.json) is
+then written into a hidden staging dir inside the output dir, so that a write that fails
+(a full disk) leaves the earlier set complete; only then are the files moved into place by
+renames, prepare.json removed first and put back last, so that a set interrupted while it is
+moved does not look prepared. Files of the user's in the output dir are left alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,25 +241,46 @@ def prepare(inputs: list[str], out_dir: str | Path, *, val_fraction: float | Non
     _check_writable(out)
     result = Prepared(documents=len(docs), input_bytes=total_bytes, train_tokens=n_train, val_tokens=n_val,
                       tokenize_seconds=seconds, threads=threads)
-    splits = [("val", tokens[:n_val]), ("train", tokens[n_val:])]
-    for split, part in splits:
-        if len(part) == 0:
-            continue
-        for i, shard in enumerate(_shards(part, shard_tokens)):
-            path = out / f"{split}_{i:06d}.bin"
-            write_shard(path, shard)
-            result.shards.append(path)
-    # shards of an earlier run that this one did not overwrite would join the trainer's glob
-    for stale in sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin")):
-        if stale not in result.shards:
-            stale.unlink()
-    write_c_tokenizer(out / TOKENIZER_FILE)
-    manifest = {"inputs": [s.stat() for s in sources], "val_fraction": val_fraction, "val_tokens": val_tokens,
-                "shard_tokens": shard_tokens, "errors": errors, "tokenizer_sha256": RANKS_SHA256,
-                "documents": result.documents, "train_tokens": n_train, "val_tokens_written": n_val,
-                "shards": [p.name for p in result.shards]}
-    write_atomic(out / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".llmgen-prepare-", dir=out))
+    except OSError as e:
+        raise LlmgenError(f"{out}: cannot write the output dir ({e.strerror})") from None
+    try:
+        splits = [("val", tokens[:n_val]), ("train", tokens[n_val:])]
+        for split, part in splits:
+            if len(part) == 0:
+                continue
+            for i, shard in enumerate(_shards(part, shard_tokens)):
+                name = f"{split}_{i:06d}.bin"
+                write_shard(staging / name, shard)
+                result.shards.append(out / name)
+        write_c_tokenizer(staging / TOKENIZER_FILE)
+        manifest = {"inputs": [s.stat() for s in sources], "val_fraction": val_fraction, "val_tokens": val_tokens,
+                    "shard_tokens": shard_tokens, "errors": errors, "tokenizer_sha256": RANKS_SHA256,
+                    "documents": result.documents, "train_tokens": n_train, "val_tokens_written": n_val,
+                    "shards": [p.name for p in result.shards]}
+        write_atomic(staging / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
+        _move_into_place(staging, out, [p.name for p in result.shards])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _move_into_place(staging: Path, out: Path, shards: list[str]) -> None:
+    """Rename the complete new set from staging into out: the old prepare.json goes first and
+    the new one comes last, so out never looks prepared with a mix of old and new files."""
+    try:
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+        for name in shards + [TOKENIZER_FILE]:
+            os.replace(staging / name, out / name)
+        # shards of an earlier run that this one did not replace would join the trainer's glob
+        for stale in sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin")):
+            if stale.name not in shards:
+                stale.unlink()
+        os.replace(staging / MANIFEST_FILE, out / MANIFEST_FILE)
+    except OSError as e:
+        raise LlmgenError(f"{out}: cannot move the prepared files into place ({e.strerror}); "
+                          "the output dir is left unprepared, run data prepare again") from None
 
 
 def is_prepared(inputs: list[str], out_dir: str | Path, **settings) -> bool:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import llmgen, refused
+from llmgen.errors import LlmgenError
 from llmgen.fileio import read_shard
 from llmgen.prepare import prepare
 from llmgen.tokenizer import EOT_TOKEN, gpt2, read_c_tokenizer
@@ -158,3 +159,82 @@ def test_fifo_inputs_do_not_block(tmp_path):
     assert read_back(tmp_path / "out") == [DOCS["a.txt"], DOCS["b.txt"], DOCS["sub/c.md"]]
     refused(llmgen("data", "prepare", src / "pipe.txt", "-o", tmp_path / "out2", timeout=20), "pipe.txt: ")
     assert not (tmp_path / "out2").exists()
+
+
+def failing_nth_write(monkeypatch, n):
+    """Make the n-th file write (1-based) of llmgen fail half way with a full disk."""
+    import errno
+    import llmgen.fileio as fileio
+    import llmgen.prepare as prep
+    import llmgen.tokenizer as tok
+    real, calls = fileio.write_atomic, []
+
+    def write_atomic(path, chunks):
+        calls.append(path)
+        if len(calls) != n:
+            return real(path, chunks)
+
+        def half_then_full():
+            yield b"some bytes first"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, half_then_full())
+    for module in (fileio, prep, tok):  # the shards, prepare.json, the tokenizer file
+        monkeypatch.setattr(module, "write_atomic", write_atomic)
+    return calls
+
+
+def snapshot(out):
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, "tokenizer", "manifest"])
+def test_a_prepare_that_fails_while_writing_leaves_the_old_set_whole(tmp_path, monkeypatch, fail_at):
+    from llmgen.prepare import is_prepared
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text("the old corpus, prepared first\n" * 40)
+    new.write_text("a different, newer corpus of text\n" * 60)
+    out = tmp_path / "out"
+    prepare([str(old)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    (out / "notes.txt").write_text("the user's own file")
+    before = snapshot(out)
+    n_new = len(prepare([str(new)], tmp_path / "probe", val_fraction=0.25, shard_tokens=100, progress=False).shards)
+    assert n_new > 3
+    n = {"tokenizer": n_new + 1, "manifest": n_new + 2}.get(fail_at, fail_at)
+    calls = failing_nth_write(monkeypatch, n)
+    with pytest.raises(LlmgenError, match="No space left on device"):
+        prepare([str(new)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    assert len(calls) == n
+    assert calls[-1].name == {"tokenizer": "gpt2_tokenizer.bin", "manifest": "prepare.json"}.get(fail_at, calls[-1].name)
+    assert snapshot(out) == before                    # the old set, whole; no staging dir left behind
+    assert is_prepared([str(old)], out, val_fraction=0.25, shard_tokens=100)
+    assert not is_prepared([str(new)], out, val_fraction=0.25, shard_tokens=100)
+
+
+def test_a_prepare_interrupted_while_moving_files_in_does_not_look_prepared(tmp_path, monkeypatch):
+    import llmgen.prepare as prep
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text("the old corpus, prepared first\n" * 40)
+    new.write_text("a different, newer corpus of text\n" * 60)
+    out = tmp_path / "out"
+    prepare([str(old)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    (out / "notes.txt").write_text("the user's own file")
+    real, moved = os.replace, []
+
+    def replace(src, dst):
+        if ".llmgen-prepare-" in str(src) and ".llmgen-prepare-" not in str(dst):  # staging -> out
+            moved.append(dst)
+            if len(moved) == 2:
+                raise OSError(5, os.strerror(5))
+        return real(src, dst)
+    monkeypatch.setattr(prep.os, "replace", replace)
+    with pytest.raises(LlmgenError, match="cannot move the prepared files into place"):
+        prepare([str(new)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    monkeypatch.undo()
+    assert not prep.is_prepared([str(old)], out, val_fraction=0.25, shard_tokens=100)
+    assert not prep.is_prepared([str(new)], out, val_fraction=0.25, shard_tokens=100)
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # and preparing again mends it
+    prepare([str(new)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    assert prep.is_prepared([str(new)], out, val_fraction=0.25, shard_tokens=100)
+    assert read_back(out) == [new.read_text()] and (out / "notes.txt").exists()
