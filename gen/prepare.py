@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from .tokenizer import EOT_TOKEN, RANKS_SHA256, data_file, gpt2, write_c_tokeniz
 
 EMBEDDED = {"shakespeare": "shakespeare.txt"}   # names that mean a corpus shipped with llmgen
 CHUNK_CHARS = 1 << 20         # long documents are tokenized in chunks of about this many characters
+WHITESPACE_RUN = 1 << 16      # and whitespace runs this long are cut (tiktoken fails on about 1M)
 PROGRESS_BYTES = 16 << 20     # show a progress bar from this much input on
 VAL_FRACTION = 0.1            # the default split, when neither a fraction nor a count is given
 SHARD_TOKENS = 100_000_000    # the default most tokens per shard, as llm.c's FineWeb shards
@@ -93,13 +95,49 @@ def read_text(source: Source, errors: str = "strict") -> str:
                           "(--encoding-errors replace accepts it as U+FFFD)") from None
 
 
-def split_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    """Cut text into pieces of about `size` characters that tokenize exactly as the whole.
+def split_chunks(text: str, size: int = CHUNK_CHARS, max_run: int = WHITESPACE_RUN) -> list[str]:
+    r"""Cut text into pieces of about `size` characters that tokenize exactly as the whole,
+    and cut every whitespace run of at least `max_run` characters (and some shorter ones)
+    that is followed by a non-space before its last character.
 
-    A cut goes right after a newline that follows a non-space character and precedes an
-    ASCII letter or digit. GPT-2's pre-tokenizer never joins across such a point: the
-    newline is a piece of its own either way, and the word after it starts a new piece.
+    GPT-2's pre-tokenizer (tokenizer.PAT_STR) has no lookbehind, so the pieces it finds from
+    a piece boundary on do not depend on the text before it; a cut at a piece boundary keeps
+    the tokens if the text before the cut also splits as before, as it does at both kinds of
+    cut here:
+
+    - right after a newline that follows a non-space character and precedes an ASCII letter
+      or digit: the newline is a piece of its own either way, the word after it starts one;
+    - right before the last character of a run of two or more whitespace characters (\s)
+      followed by a non-space one. In the whole text \s+(?!\S) takes the run less its last
+      character (the alternatives before it need a letter, digit or other non-space after an
+      optional space, or the end of the text), and the last character starts the next piece
+      (alone, or as the space before a word). Cut there, the text before ends in that same
+      run, which \s++$ takes whole. tiktoken needs these cuts: for \s+(?!\S) its regex engine
+      keeps a backtracking entry per character, and fails ("StackOverflow") on a run of
+      about a million.
     """
+    segments, start = [], 0
+    # a run of max_run or more covers a multiple of max_run: look there only (most positions
+    # of a text are never looked at, the runs found are scanned in C)
+    at = max_run
+    while at < len(text):
+        end = _WHITESPACE_RUN.match(text, at).end()
+        if at < end < len(text) and (end - at >= 2 or text[at - 1] in WHITESPACE):
+            segments.append(text[start:end - 1])
+            start = end - 1
+        at = (end // max_run + 1) * max_run
+    segments.append(text[start:])
+    return [piece for segment in segments for piece in _split_at_newlines(segment, size)]
+
+
+# \s of tiktoken's regex engine (Rust's regex crate): Unicode White_Space. Not str.isspace(),
+# which also takes U+001C..U+001F.
+WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+              + "\u2028\u2029\u202f\u205f\u3000")
+_WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]*")
+
+
+def _split_at_newlines(text: str, size: int) -> list[str]:
     pieces, start = [], 0
     while len(text) - start > size:
         end = start + size

@@ -9,7 +9,7 @@ import pytest
 from conftest import llmgen, refused
 from llmgen.errors import LlmgenError
 from llmgen.fileio import read_shard
-from llmgen.prepare import prepare
+from llmgen.prepare import prepare, split_chunks
 from llmgen.tokenizer import EOT_TOKEN, gpt2, read_c_tokenizer
 
 DOCS = {
@@ -238,3 +238,73 @@ def test_a_prepare_interrupted_while_moving_files_in_does_not_look_prepared(tmp_
     prepare([str(new)], out, val_fraction=0.25, shard_tokens=100, progress=False)
     assert prep.is_prepared([str(new)], out, val_fraction=0.25, shard_tokens=100)
     assert read_back(out) == [new.read_text()] and (out / "notes.txt").exists()
+
+
+# ---- long whitespace runs ----------------------------------------------------------------
+WHITE = [" ", "\n", "\t", "\r", "\x0b", "\x0c", "\x85", "\xa0", "\u2003", "\u3000", "\u2028"]
+AFTER = ["word", "Word", "42", "!?", "'s", "'ll", "日本", "🤖", "\x1cnot space", "\u200bzero width", "\u00e9t\u00e9"]
+
+
+def whitespace_heavy_strings():
+    rng = np.random.default_rng(7)
+    yield "a" + " " * 5000 + "b"
+    yield "x" + "\n" * 5000 + "y"
+    yield "first line\n" + "\n" * 5000 + "Next paragraph."
+    yield "mixed" + "".join(rng.choice([" ", "\t", "\n"], 5000)) + "words after, and more"
+    yield " " * 5000 + "starts with spaces and ends with them" + " " * 5000
+    yield "\t" * 3000 + " " + "x" + "\n \n" * 1000 + " y" + "\r\n" * 2000 + "z"
+    for w in WHITE:
+        for after in AFTER:
+            yield f"before{w * 2500}{after}, then {w}{w}{after} and {w}{after}{w * 3}"
+    # random mixtures of runs and the characters around them
+    alphabet = WHITE + ["\x1c", "\x1f", "\u200b", "\u180e", "\ufeff", "a", "Z", "é", "7", "!", "'", "s", "日", "🤖"]
+    for _ in range(300):
+        yield "".join(rng.choice(alphabet, rng.integers(1, 60)))
+
+
+def test_whitespace_runs_are_cut_without_changing_the_tokens():
+    """Cutting before the last character of every whitespace run (max_run=2, so every run
+    of two or more gets cut) tokenizes exactly as the whole text does."""
+    enc = gpt2()
+    cut = 0
+    for text in whitespace_heavy_strings():
+        whole = enc.encode_ordinary(text)
+        for max_run, size in [(2, 1 << 20), (2, 7), (3, 1 << 20), (5, 11), (100, 1 << 20), (4999, 1 << 20), (5000, 1000)]:
+            pieces = split_chunks(text, size=size, max_run=max_run)
+            assert "".join(pieces) == text
+            assert [i for p in pieces for i in enc.encode_ordinary(p)] == whole, (text[:40], max_run, size)
+            cut += len(pieces) - 1
+    assert cut > 1000
+
+
+def test_whitespace_is_what_tiktoken_takes_for_whitespace():
+    """split_chunks' WHITESPACE is exactly tiktoken's \\s, among every character Python calls
+    a space and some that are not: tiktoken fails on a run of a million of just those."""
+    import sys
+    from llmgen.prepare import WHITESPACE
+    enc = gpt2()
+    candidates = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()] + ["\u200b", "\u180e", "\ufeff"]
+    for c in candidates:
+        text = "a" + c * 1_100_000 + "b"
+        try:
+            enc.encode_ordinary(text)
+            fails = False
+        except BaseException:  # tiktoken's Rust panic (pyo3_runtime.PanicException)
+            fails = True
+        mine = c in WHITESPACE
+        assert mine == fails, (hex(ord(c)), mine, fails)
+    assert "\x1c" not in WHITESPACE
+
+
+@pytest.mark.parametrize("run", [" ", "\n", " \t\n"])
+def test_cli_a_million_whitespace_characters(tmp_path, run):
+    text = "start" + (run * 1_000_000)[:1_000_000] + "end\n"
+    (tmp_path / "ws.txt").write_text(text)
+    r = llmgen("data", "prepare", tmp_path / "ws.txt", "-o", tmp_path / "out", "--val-fraction", "0", timeout=120)
+    assert r.returncode == 0, r.stderr
+    tokens = read_shard(tmp_path / "out" / "train_000000.bin")
+    assert gpt2().decode(tokens[1:].tolist()) == text
+    if run == " ":  # GPT-2 has no token for two spaces: the run less its last space is 220s
+        enc = gpt2()
+        assert tokens.tolist() == [EOT_TOKEN] + enc.encode_ordinary("start") + [220] * 999_999 + \
+            enc.encode_ordinary(" end\n")
