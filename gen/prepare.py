@@ -327,12 +327,13 @@ def is_prepared(inputs: list[str], out_dir: str | Path, **settings) -> bool:
     the same files."""
     out = Path(out_dir)
     try:
-        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        manifest = json.loads(read_regular(out / MANIFEST_FILE, "manifest"))
         sources = find_sources(inputs)
-    except (OSError, ValueError, LlmgenError):
+        same = (isinstance(manifest, dict) and manifest.get("inputs") == [s.stat() for s in sources]
+                and manifest.get("tokenizer_sha256") == RANKS_SHA256
+                and all(manifest.get(k) == v for k, v in settings.items()))
+    except (OSError, ValueError, RecursionError, LlmgenError):  # (a manifest that is no manifest)
         return False
-    same = (manifest.get("inputs") == [s.stat() for s in sources]
-            and manifest.get("tokenizer_sha256") == RANKS_SHA256
-            and all(manifest.get(k) == v for k, v in settings.items()))
-    return same and all((out / name).is_file() for name in manifest.get("shards", [])) \
-        and (out / TOKENIZER_FILE).is_file()
+    shards = manifest.get("shards") if same else None
+    return isinstance(shards, list) and len(shards) > 0 and all(isinstance(name, str) for name in shards) \
+        and all((out / name).is_file() for name in shards) and (out / TOKENIZER_FILE).is_file()

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -280,7 +282,6 @@ def test_whitespace_runs_are_cut_without_changing_the_tokens():
 def test_whitespace_is_what_tiktoken_takes_for_whitespace():
     """split_chunks' WHITESPACE is exactly tiktoken's \\s, among every character Python calls
     a space and some that are not: tiktoken fails on a run of a million of just those."""
-    import sys
     from llmgen.prepare import WHITESPACE
     enc = gpt2()
     candidates = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()] + ["\u200b", "\u180e", "\ufeff"]
@@ -308,3 +309,24 @@ def test_cli_a_million_whitespace_characters(tmp_path, run):
         enc = gpt2()
         assert tokens.tolist() == [EOT_TOKEN] + enc.encode_ordinary("start") + [220] * 999_999 + \
             enc.encode_ordinary(" end\n")
+
+
+def test_a_manifest_that_is_no_manifest_means_not_prepared(tmp_path):
+    """Whatever prepare.json holds (or is), is_prepared answers False, without an exception or
+    a wait: llmgen train then prepares again."""
+    from llmgen.prepare import is_prepared
+    (tmp_path / "t.txt").write_text("some text to prepare\n" * 20)
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "t.txt")], out, progress=False)
+    assert is_prepared([str(tmp_path / "t.txt")], out)
+    good = json.loads((out / "prepare.json").read_text())
+    for text in ["[]", "5", "null", '"x"', "[" * 100_000 + "]" * 100_000, "\xff", json.dumps(dict(good, shards=5)),
+                 json.dumps(dict(good, shards=[1, 2])), json.dumps(dict(good, shards=[])),
+                 json.dumps(dict(good, shards=None)), json.dumps(dict(good, inputs={"a": 1}))]:
+        (out / "prepare.json").write_text(text)
+        assert not is_prepared([str(tmp_path / "t.txt")], out), text[:40]
+    (out / "prepare.json").unlink()
+    os.mkfifo(out / "prepare.json")
+    code = "import sys; from llmgen.prepare import is_prepared; print(is_prepared([sys.argv[1]], sys.argv[2]))"
+    r = subprocess.run([sys.executable, "-c", code, tmp_path / "t.txt", out], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
