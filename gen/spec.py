@@ -11,7 +11,8 @@ A spec file is flat TOML:
     max_seq_len = 1024
 
 Everything derived from these (head size, parameter counts, memory, FLOPs) is computed
-here, in Python, never in the templates.
+here, in Python, never in the templates. from_dict checks every spec, wherever it came
+from (a file, overrides, a checkpoint's header, a Hugging Face config), in one place.
 """
 
 from __future__ import annotations

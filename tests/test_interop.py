@@ -506,3 +506,13 @@ def test_import_names_the_spec_after_the_output_plainly(tmp_path):
     out = ok(llmgen("import-hf", d, "-o", tmp_path / "my model (2).bin"))
     assert 'name = "my_model__2_"' in out
     ok(llmgen("info", "--spec-from", tmp_path / "my model (2).bin"))
+
+
+def test_safetensors_entries_in_any_order_and_empty_tensors_load(tmp_path):
+    a, b = np.arange(4, dtype="<f4"), np.arange(6, dtype="<f4") + 10
+    header = {"b": entry(shape=(2, 3), offsets=(16, 40)), "empty": entry(shape=(0, 5), offsets=(16, 16)),
+              "a": entry(shape=(4,), offsets=(0, 16)), "__metadata__": {"format": "pt"}}
+    path = crafted_safetensors(tmp_path / "x.safetensors", header, a.tobytes() + b.tobytes())
+    st = SafeTensors(path)
+    assert st.get("a").tolist() == a.tolist() and st.get("b").tolist() == b.reshape(2, 3).tolist()
+    assert st.get("empty").shape == (0, 5)
