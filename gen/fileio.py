@@ -19,13 +19,14 @@ values too large for bfloat16 round to infinity as IEEE rounding prescribes.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LlmgenError
-from .spec import Spec, from_dict
+from .spec import Spec, from_dict, safe_name
 from .tensors import num_params, param_shapes, unflatten
 
 HEADER_INTS = 256
@@ -65,6 +66,61 @@ def write_atomic(path: str | os.PathLike, chunks) -> None:
         raise
 
 
+# ---- reading the user's files -----------------------------------------------------------
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path, mode: int, what: str) -> LlmgenError:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a plain file")
+    return LlmgenError(f"{path}: not a regular file ({kind}), cannot read it as a {what}")
+
+
+def open_regular(path: str | os.PathLike, what: str = "file"):
+    """A binary file object for a file the user named, refusing anything that is not a regular
+    file (a FIFO or a device would block or never end, a folder is no file) before reading.
+
+    The path is checked with stat before it is opened, and the opened file again with fstat:
+    the open itself is non-blocking, so a FIFO swapped in between cannot hang it either."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode):
+            raise _not_regular(path, mode, what)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LlmgenError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+            raise _not_regular(path, mode, what)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, what: str = "file") -> bytes:
+    """The bytes of a regular file the user named (see open_regular)."""
+    with open_regular(path, what) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
+
+
+def check_memory(path, nbytes: int, what: str) -> None:
+    """Refuse to allocate more than this machine's memory for what a file claims to hold."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if nbytes > total:
+        raise LlmgenError(f"{path}: too large to load: {what} need {nbytes / 2**30:,.1f} GiB of memory, "
+                          f"more than this machine's {total / 2**30:,.1f} GiB")
+
+
 # ---- bfloat16 ----------------------------------------------------------------------------
 def to_bf16(a) -> np.ndarray:
     """float32 values -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
@@ -84,35 +140,29 @@ def from_bf16(bits) -> np.ndarray:
 
 
 # ---- model checkpoints -------------------------------------------------------------------
-def _file_size(path: Path, what: str) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        raise LlmgenError(f"{path}: no such {what}") from None
-    except OSError as e:
-        raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
-
-
 def _read_header(path: Path, magic: int, what: str) -> tuple[np.ndarray, int]:
     """The 256-int header, checked for its magic, and the size of the whole file."""
-    size = _file_size(path, what)
-    if size < HEADER_BYTES:
-        raise LlmgenError(f"{path}: truncated {what}: {size} bytes, shorter than its {HEADER_BYTES}-byte header")
-    try:
-        with open(path, "rb") as f:
+    with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HEADER_BYTES:
+            raise LlmgenError(f"{path}: truncated {what}: {size} bytes, shorter than its {HEADER_BYTES}-byte header")
+        try:
             header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-    except OSError as e:
-        raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
+        except OSError as e:
+            raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
+    if len(header) < HEADER_INTS:  # the file shrank under us
+        raise LlmgenError(f"{path}: truncated {what}")
     if header[0] != magic:
         raise LlmgenError(f"{path}: not an llm.c {what} (magic {header[0]}, expected {magic})")
     return header, size
 
 
 def _read_body(path: Path, dtype: str, count: int, what: str) -> np.ndarray:
-    try:
-        return np.fromfile(path, dtype=dtype, count=count, offset=HEADER_BYTES)
-    except OSError as e:
-        raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
+    with open_regular(path, what) as f:
+        try:
+            return np.fromfile(f, dtype=dtype, count=count, offset=HEADER_BYTES)
+        except OSError as e:
+            raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
 
 
 def model_header(spec: Spec, version: int = MODEL_VERSION_FP32) -> np.ndarray:
@@ -137,7 +187,7 @@ def write_model(path, spec: Spec, params: dict[str, np.ndarray], version: int = 
 
 
 def spec_from_header(header: np.ndarray, source: str, name: str | None = None) -> Spec:
-    raw = {"name": name or Path(source).stem, "max_seq_len": int(header[2]), "vocab_size": int(header[3]),
+    raw = {"name": safe_name(name or Path(source).stem), "max_seq_len": int(header[2]), "vocab_size": int(header[3]),
            "layers": int(header[4]), "heads": int(header[5]), "channels": int(header[6]),
            "padded_vocab_size": int(header[7])}
     return from_dict(raw, source)
@@ -166,10 +216,16 @@ def read_model(path, with_version: bool = False):
     exactly."""
     spec, version = read_model_spec(path)
     n = num_params(spec)
-    if version == MODEL_VERSION_FP32:
-        flat = _read_body(Path(path), "<f4", n, "model checkpoint")
-    else:
-        flat = from_bf16(_read_body(Path(path), "<u2", n, "model checkpoint"))
+    # the file's size matches the header (read_model_spec); a sparse file can still claim
+    # more than fits in memory
+    check_memory(path, n * (4 if version == MODEL_VERSION_FP32 else 6), f"the checkpoint's {n:,} parameters")
+    try:
+        if version == MODEL_VERSION_FP32:
+            flat = _read_body(Path(path), "<f4", n, "model checkpoint")
+        else:
+            flat = from_bf16(_read_body(Path(path), "<u2", n, "model checkpoint"))
+    except MemoryError:
+        raise LlmgenError(f"{path}: not enough memory to load the model checkpoint ({n:,} parameters)") from None
     if flat.size != n:  # the file changed under us
         raise LlmgenError(f"{path}: truncated model checkpoint")
     params = unflatten(flat, spec)

@@ -26,16 +26,18 @@ __metadata__}, then the raw little-endian tensor data.
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LlmgenError
-from .fileio import from_bf16, write_atomic
-from .spec import Spec, from_dict, padded
-from .tensors import gpt2_parameters, param_shapes, parameters
+from .fileio import check_memory, from_bf16, open_regular, read_regular, write_atomic
+from .spec import Spec, from_dict, padded, safe_name
+from .tensors import gpt2_parameters, num_params, param_shapes, parameters
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # safetensors dtype -> (numpy dtype of the stored data, bytes per value)
@@ -49,6 +51,20 @@ ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # config.json key for a padded vocab other than the multiple of 128 (transformers ignores it)
 PADDING_KEY = "llmgen_padded_vocab_size"
+# the config.json keys read here: (check of the value, what it must be)
+_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+CONFIG_TYPES = {
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "architectures": (lambda v: v is None or isinstance(v, list) and all(isinstance(a, str) for a in v),
+                      "a list of strings"),
+    "activation_function": (lambda v: isinstance(v, str), "a string"),
+    "layer_norm_epsilon": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "scale_attn_weights": _BOOL, "scale_attn_by_inverse_layer_idx": _BOOL, "add_cross_attention": _BOOL,
+    "vocab_size": _INT, "n_embd": _INT, "n_positions": _INT, "n_layer": _INT, "n_head": _INT,
+    "n_inner": (lambda v: v is None or _INT[0](v), "an integer or null"),
+    PADDING_KEY: _INT,
+}
 
 
 # ---- safetensors -------------------------------------------------------------------------
@@ -57,13 +73,11 @@ class SafeTensors:
 
     def __init__(self, path: str | Path):
         self.path = path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
-        except FileNotFoundError:
-            raise LlmgenError(f"{path}: no such file") from None
-        except OSError as e:
-            raise LlmgenError(f"{path}: cannot read ({e.strerror})") from None
+        with open_regular(path, "safetensors file") as f:
+            try:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+            except OSError as e:
+                raise LlmgenError(f"{path}: cannot read ({e.strerror})") from None
         size = len(self._map)
         if size < 8:
             raise LlmgenError(f"{path}: truncated safetensors file ({size} bytes, shorter than its 8-byte header length)")
@@ -74,28 +88,26 @@ class SafeTensors:
             raise LlmgenError(f"{path}: truncated safetensors file (its header needs {8 + n} bytes, the file has {size})")
         try:
             header = json.loads(bytes(self._map[8:8 + n]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise LlmgenError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise LlmgenError(f"{path}: not a safetensors file (its header is not JSON: "
+                              f"{'nested too deeply' if isinstance(e, RecursionError) else e})") from None
         if not isinstance(header, dict):
             raise LlmgenError(f"{path}: not a safetensors file (its header is not a JSON object)")
         self.metadata = header.pop("__metadata__", None)
+        if self.metadata is not None and not (isinstance(self.metadata, dict) and all(
+                isinstance(v, str) for v in self.metadata.values())):
+            raise LlmgenError(f"{path}: __metadata__ must be an object of strings, got {_brief(self.metadata)}")
         self._start = 8 + n
         data_size = size - self._start
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
-            try:
-                dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            except (TypeError, KeyError, ValueError):
-                raise LlmgenError(f"{path}: tensor {name}: malformed header entry {entry!r}") from None
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-                raise LlmgenError(f"{path}: tensor {name}: bad data_offsets {entry['data_offsets']!r}")
-            if end > data_size:
-                raise LlmgenError(f"{path}: truncated safetensors file (tensor {name} ends at byte {end} "
-                                  f"of the data, the file holds {data_size})")
-            if dtype in DTYPES and end - begin != int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]:
-                raise LlmgenError(f"{path}: tensor {name}: {end - begin} bytes do not hold a {dtype} tensor "
-                                  f"of shape {list(shape)}")
-            self.entries[name] = (dtype, shape, begin, end)
+            self.entries[name] = _header_entry(path, name, entry, data_size)
+        # each tensor its own bytes: sorted by where they start, none begins before the last ends
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self.entries.items() if end > begin)
+        for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
+            if begin1 < end0:
+                raise LlmgenError(f"{path}: tensors {name0} and {name1}: data_offsets overlap "
+                                  f"(bytes {begin1} to {end0} of the data belong to both)")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
@@ -109,6 +121,46 @@ class SafeTensors:
                             offset=self._start + begin)
         values = from_bf16(raw) if dtype == "BF16" else raw.astype(np.float32)
         return values.reshape(shape)
+
+
+def _brief(value: object, limit: int = 40) -> str:
+    """repr of a value read from a file, cut short for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _header_entry(path: Path, name: str, entry: object, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one tensor of a safetensors header, every field checked."""
+    if not name.isprintable():
+        raise LlmgenError(f"{path}: tensor name {_brief(name)} has control characters")
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict):
+        raise LlmgenError(f"{where}: header entry must be an object with dtype, shape and data_offsets, "
+                          f"got {_brief(entry)}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise LlmgenError(f"{where}: {key} missing from its header entry")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise LlmgenError(f"{where}: dtype must be a string, got {_brief(dtype)}")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise LlmgenError(f"{where}: shape must be a list of non-negative integers, got {_brief(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise LlmgenError(f"{where}: data_offsets must be two integers [begin, end] with 0 <= begin <= end, "
+                          f"got {_brief(offsets)}")
+    begin, end = offsets
+    if end > data_size:
+        raise LlmgenError(f"{path}: truncated safetensors file (tensor {name} ends at byte {end} "
+                          f"of the data, the file holds {data_size})")
+    # exact integers: np.prod in int64 would wrap (or fail) for crafted shapes
+    if dtype in DTYPES and end - begin != math.prod(shape) * DTYPES[dtype][1]:
+        raise LlmgenError(f"{where}: {end - begin} bytes do not hold a {dtype} tensor of shape {_brief(shape)}")
+    return dtype, tuple(shape), begin, end
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
@@ -146,13 +198,17 @@ def _find_files(source: Path) -> tuple[Path, Path | None]:
 
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise LlmgenError(f"{path}: cannot read ({e.strerror})") from None
+        config = json.loads(read_regular(path, "model config").decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlmgenError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise LlmgenError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise LlmgenError(f"{path}: not a model config (a JSON object)")
+    for key, (is_valid, expected) in CONFIG_TYPES.items():
+        if key in config and not is_valid(config[key]):
+            raise LlmgenError(f"{path}: {key} must be {expected}, got {_brief(config[key])} "
+                              f"({type(config[key]).__name__})")
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
     if model_type != "gpt2" or any(a not in ARCHITECTURES for a in archs):
@@ -233,13 +289,13 @@ def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: i
         notes.append(f"no config.json: assuming GPT-2's head size 64, so {heads} heads (--heads sets them)")
     if padded_vocab_size is None:
         padded_vocab_size = config.get(PADDING_KEY, padded(V)) if config else padded(V)
-    raw = {"name": name, "layers": L, "heads": heads, "channels": C, "vocab_size": V,
+    raw = {"name": safe_name(name), "layers": L, "heads": heads, "channels": C, "vocab_size": V,
            "padded_vocab_size": padded_vocab_size, "max_seq_len": maxT}
     spec = from_dict(raw, str(config_path or model_path))
 
     # the tensors, transposed and stacked into llm.c's layout
     sizes = param_shapes(spec)
-    params = {name: np.zeros(shape, dtype=np.float32) for name, shape in sizes.items()}
+    plan = []  # every tensor is there with its shape before anything is allocated
     for t in parameters(spec):
         hf, ours, transposed = t.hf, t.name, t.hf_transposed
         per_layer = "{n}" in hf
@@ -252,14 +308,22 @@ def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: i
             if st.shape(full) != want_hf:
                 raise LlmgenError(f"{model_path}: tensor {full} has shape {list(st.shape(full))}, "
                                   f"expected {list(want_hf)}")
-            a = st.get(full)
-            a = a.T if transposed else a
-            if ours == "wte":
-                params["wte"][:V] = a  # the padded rows stay zero
-            elif per_layer:
-                params[ours][n] = a
-            else:
-                params[ours][...] = a
+            plan.append((full, ours, transposed, per_layer, n))
+    n_params = num_params(spec)
+    check_memory(model_path, 4 * n_params, f"the model's {n_params:,} parameters")
+    try:
+        params = {name: np.zeros(shape, dtype=np.float32) for name, shape in sizes.items()}
+    except MemoryError:
+        raise LlmgenError(f"{model_path}: not enough memory for the model's {n_params:,} parameters") from None
+    for full, ours, transposed, per_layer, n in plan:
+        a = st.get(full)
+        a = a.T if transposed else a
+        if ours == "wte":
+            params["wte"][:V] = a  # the padded rows stay zero
+        elif per_layer:
+            params[ours][n] = a
+        else:
+            params[ours][...] = a
     if "lm_head.weight" in names:
         head = names["lm_head.weight"]
         if st.shape(head) != (V, C) or not np.array_equal(st.get(head), params["wte"][:V]):

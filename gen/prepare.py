@@ -5,15 +5,22 @@ with <|endoftext|>, as in llm.c's data scripts; the documents are concatenated, 
 tokens go to the val split and the rest to train, and each split is cut into shards of at
 most `shard_tokens` tokens of about equal size (so no shard is too small for a batch).
 
-Everything is read, checked and tokenized before the first shard is written, and each
-shard is written atomically: a bad input leaves the output dir as it was.
+Everything is read, checked and tokenized before the first shard is written: a bad input
+leaves the output dir as it was. The whole new set (shards, tokenizer file, prepare.json) is
+then written into a hidden staging dir inside the output dir, so that a write that fails
+(a full disk) leaves the earlier set complete; only then are the files moved into place by
+renames, prepare.json removed first and put back last, so that a set interrupted while it is
+moved does not look prepared. Files of the user's in the output dir are left alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LlmgenError
-from .fileio import write_atomic, write_shard
+from .fileio import read_regular, write_atomic, write_shard
 from .tokenizer import EOT_TOKEN, RANKS_SHA256, data_file, gpt2, write_c_tokenizer
 
 EMBEDDED = {"shakespeare": "shakespeare.txt"}   # names that mean a corpus shipped with llmgen
 CHUNK_CHARS = 1 << 20         # long documents are tokenized in chunks of about this many characters
+WHITESPACE_RUN = 1 << 16      # and whitespace runs this long are cut (tiktoken fails on about 1M)
 PROGRESS_BYTES = 16 << 20     # show a progress bar from this much input on
 VAL_FRACTION = 0.1            # the default split, when neither a fraction nor a count is given
 SHARD_TOKENS = 100_000_000    # the default most tokens per shard, as llm.c's FineWeb shards
@@ -72,10 +80,7 @@ def find_sources(inputs: list[str]) -> list[Source]:
 
 def read_text(source: Source, errors: str = "strict") -> str:
     """The file's text; binary files and (unless errors='replace') invalid UTF-8 are refused."""
-    try:
-        data = source.path.read_bytes()
-    except OSError as e:
-        raise LlmgenError(f"{source.label}: cannot read ({e.strerror})") from None
+    data = read_regular(source.path, "text file")
     nul = data.find(b"\0")
     if nul >= 0:
         raise LlmgenError(f"{source.label}: looks like a binary file (NUL byte at offset {nul}), not text")
@@ -90,13 +95,49 @@ def read_text(source: Source, errors: str = "strict") -> str:
                           "(--encoding-errors replace accepts it as U+FFFD)") from None
 
 
-def split_chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    """Cut text into pieces of about `size` characters that tokenize exactly as the whole.
+def split_chunks(text: str, size: int = CHUNK_CHARS, max_run: int = WHITESPACE_RUN) -> list[str]:
+    r"""Cut text into pieces of about `size` characters that tokenize exactly as the whole,
+    and cut every whitespace run of at least `max_run` characters (and some shorter ones)
+    that is followed by a non-space before its last character.
 
-    A cut goes right after a newline that follows a non-space character and precedes an
-    ASCII letter or digit. GPT-2's pre-tokenizer never joins across such a point: the
-    newline is a piece of its own either way, and the word after it starts a new piece.
+    GPT-2's pre-tokenizer (tokenizer.PAT_STR) has no lookbehind, so the pieces it finds from
+    a piece boundary on do not depend on the text before it; a cut at a piece boundary keeps
+    the tokens if the text before the cut also splits as before, as it does at both kinds of
+    cut here:
+
+    - right after a newline that follows a non-space character and precedes an ASCII letter
+      or digit: the newline is a piece of its own either way, the word after it starts one;
+    - right before the last character of a run of two or more whitespace characters (\s)
+      followed by a non-space one. In the whole text \s+(?!\S) takes the run less its last
+      character (the alternatives before it need a letter, digit or other non-space after an
+      optional space, or the end of the text), and the last character starts the next piece
+      (alone, or as the space before a word). Cut there, the text before ends in that same
+      run, which \s++$ takes whole. tiktoken needs these cuts: for \s+(?!\S) its regex engine
+      keeps a backtracking entry per character, and fails ("StackOverflow") on a run of
+      about a million.
     """
+    segments, start = [], 0
+    # a run of max_run or more covers a multiple of max_run: look there only (most positions
+    # of a text are never looked at, the runs found are scanned in C)
+    at = max_run
+    while at < len(text):
+        end = _WHITESPACE_RUN.match(text, at).end()
+        if at < end < len(text) and (end - at >= 2 or text[at - 1] in WHITESPACE):
+            segments.append(text[start:end - 1])
+            start = end - 1
+        at = (end // max_run + 1) * max_run
+    segments.append(text[start:])
+    return [piece for segment in segments for piece in _split_at_newlines(segment, size)]
+
+
+# \s of tiktoken's regex engine (Rust's regex crate): Unicode White_Space. Not str.isspace(),
+# which also takes U+001C..U+001F.
+WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+              + "\u2028\u2029\u202f\u205f\u3000")
+_WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]*")
+
+
+def _split_at_newlines(text: str, size: int) -> list[str]:
     pieces, start = [], 0
     while len(text) - start > size:
         end = start + size
@@ -238,25 +279,46 @@ def prepare(inputs: list[str], out_dir: str | Path, *, val_fraction: float | Non
     _check_writable(out)
     result = Prepared(documents=len(docs), input_bytes=total_bytes, train_tokens=n_train, val_tokens=n_val,
                       tokenize_seconds=seconds, threads=threads)
-    splits = [("val", tokens[:n_val]), ("train", tokens[n_val:])]
-    for split, part in splits:
-        if len(part) == 0:
-            continue
-        for i, shard in enumerate(_shards(part, shard_tokens)):
-            path = out / f"{split}_{i:06d}.bin"
-            write_shard(path, shard)
-            result.shards.append(path)
-    # shards of an earlier run that this one did not overwrite would join the trainer's glob
-    for stale in sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin")):
-        if stale not in result.shards:
-            stale.unlink()
-    write_c_tokenizer(out / TOKENIZER_FILE)
-    manifest = {"inputs": [s.stat() for s in sources], "val_fraction": val_fraction, "val_tokens": val_tokens,
-                "shard_tokens": shard_tokens, "errors": errors, "tokenizer_sha256": RANKS_SHA256,
-                "documents": result.documents, "train_tokens": n_train, "val_tokens_written": n_val,
-                "shards": [p.name for p in result.shards]}
-    write_atomic(out / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".llmgen-prepare-", dir=out))
+    except OSError as e:
+        raise LlmgenError(f"{out}: cannot write the output dir ({e.strerror})") from None
+    try:
+        splits = [("val", tokens[:n_val]), ("train", tokens[n_val:])]
+        for split, part in splits:
+            if len(part) == 0:
+                continue
+            for i, shard in enumerate(_shards(part, shard_tokens)):
+                name = f"{split}_{i:06d}.bin"
+                write_shard(staging / name, shard)
+                result.shards.append(out / name)
+        write_c_tokenizer(staging / TOKENIZER_FILE)
+        manifest = {"inputs": [s.stat() for s in sources], "val_fraction": val_fraction, "val_tokens": val_tokens,
+                    "shard_tokens": shard_tokens, "errors": errors, "tokenizer_sha256": RANKS_SHA256,
+                    "documents": result.documents, "train_tokens": n_train, "val_tokens_written": n_val,
+                    "shards": [p.name for p in result.shards]}
+        write_atomic(staging / MANIFEST_FILE, [json.dumps(manifest, indent=1).encode()])
+        _move_into_place(staging, out, [p.name for p in result.shards])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _move_into_place(staging: Path, out: Path, shards: list[str]) -> None:
+    """Rename the complete new set from staging into out: the old prepare.json goes first and
+    the new one comes last, so out never looks prepared with a mix of old and new files."""
+    try:
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+        for name in shards + [TOKENIZER_FILE]:
+            os.replace(staging / name, out / name)
+        # shards of an earlier run that this one did not replace would join the trainer's glob
+        for stale in sorted(out.glob("train_*.bin")) + sorted(out.glob("val_*.bin")):
+            if stale.name not in shards:
+                stale.unlink()
+        os.replace(staging / MANIFEST_FILE, out / MANIFEST_FILE)
+    except OSError as e:
+        raise LlmgenError(f"{out}: cannot move the prepared files into place ({e.strerror}); "
+                          "the output dir is left unprepared, run data prepare again") from None
 
 
 def is_prepared(inputs: list[str], out_dir: str | Path, **settings) -> bool:
@@ -265,12 +327,13 @@ def is_prepared(inputs: list[str], out_dir: str | Path, **settings) -> bool:
     the same files."""
     out = Path(out_dir)
     try:
-        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        manifest = json.loads(read_regular(out / MANIFEST_FILE, "manifest"))
         sources = find_sources(inputs)
-    except (OSError, ValueError, LlmgenError):
+        same = (isinstance(manifest, dict) and manifest.get("inputs") == [s.stat() for s in sources]
+                and manifest.get("tokenizer_sha256") == RANKS_SHA256
+                and all(manifest.get(k) == v for k, v in settings.items()))
+    except (OSError, ValueError, RecursionError, LlmgenError):  # (a manifest that is no manifest)
         return False
-    same = (manifest.get("inputs") == [s.stat() for s in sources]
-            and manifest.get("tokenizer_sha256") == RANKS_SHA256
-            and all(manifest.get(k) == v for k, v in settings.items()))
-    return same and all((out / name).is_file() for name in manifest.get("shards", [])) \
-        and (out / TOKENIZER_FILE).is_file()
+    shards = manifest.get("shards") if same else None
+    return isinstance(shards, list) and len(shards) > 0 and all(isinstance(name, str) for name in shards) \
+        and all((out / name).is_file() for name in shards) and (out / TOKENIZER_FILE).is_file()

@@ -11,12 +11,16 @@ A spec file is flat TOML:
     max_seq_len = 1024
 
 Everything derived from these (head size, parameter counts, FLOPs) is computed here or in
-tensors.py (from the tensor list), in Python, never in the templates.
+tensors.py (from the tensor list), in Python, never in the templates. from_dict checks every
+spec, wherever it came from (a file, overrides, a checkpoint's header, a Hugging Face
+config), in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -39,6 +43,17 @@ FIELDS = {
 }
 REQUIRED = ("layers", "heads", "channels", "vocab_size", "max_seq_len")
 INT_KEYS = tuple(k for k in FIELDS if k != "name")
+# The C trainer does its size arithmetic in 32-bit ints: every size, and the element count of
+# every weight matrix (the largest: the embeddings Vp x C and maxT x C, the MLP's 4C x C),
+# must be at most INT32_MAX.
+INT32_MAX = 2**31 - 1
+# A name becomes part of file paths (build/NAME) and of the emitted C (comments, a string):
+# letters, digits and . _ - + = , (the overrides' "+layers=3,heads=4"), starting with a
+# letter, a digit or _ (so never "." or ".."), at most NAME_MAX characters.
+NAME_MAX = 64
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,-]*")
+NAME_RULE = (f"1 to {NAME_MAX} of the characters A-Z a-z 0-9 . _ - + = , "
+             "starting with a letter, a digit or _")
 
 
 class SpecError(LlmgenError):
@@ -47,6 +62,26 @@ class SpecError(LlmgenError):
 
 def padded(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
     return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and len(name) <= NAME_MAX and NAME_RE.fullmatch(name) is not None
+
+
+def safe_name(text: str) -> str:
+    """A valid name made from any text (a file's stem, a name plus overrides): other characters
+    become _, a leading . - + = or , is dropped, and a name too long is cut and ends in a hash of
+    the whole, so that different long texts keep different names."""
+    name = re.sub(r"[^A-Za-z0-9._+=,-]", "_", text).lstrip(".-+=,") or "model"
+    if len(name) > NAME_MAX:
+        name = name[:NAME_MAX - 9] + "-" + hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:8]
+    return name
+
+
+def _show(value: object, limit: int = 40) -> str:
+    """repr of a value from a file, cut short for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -89,7 +124,7 @@ class Spec:
             raw.pop("padded_vocab_size")  # re-derive the padding for the new vocab
         raw.update(changes)
         suffix = ",".join(f"{k}={v}" for k, v in changes.items())
-        raw["name"] = f"{self.name}+{suffix}"
+        raw["name"] = safe_name(f"{self.name}+{suffix}")
         return from_dict(raw, source=f"{self.source} with {suffix}")
 
 
@@ -111,12 +146,17 @@ def from_dict(raw: dict, source: str) -> Spec:
             continue
         value = raw[key]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise fail(key, f"must be an integer, got {value!r} ({type(value).__name__})")
+            raise fail(key, f"must be an integer, got {_show(value)} ({type(value).__name__})")
         if value <= 0:
-            raise fail(key, f"must be positive, got {value}")
-    name = raw.get("name", Path(source).stem if source else "custom")
+            raise fail(key, f"must be positive, got {_show(value)}")
+        if value > INT32_MAX:
+            raise fail(key, f"{_show(value)} is too large: sizes are 32-bit ints in the trainer "
+                            f"(at most 2**31 - 1 = {INT32_MAX:,})")
+    name = raw.get("name", safe_name(Path(source).stem) if source else "custom")
     if not isinstance(name, str) or not name:
-        raise fail("name", f"must be a non-empty string, got {name!r}")
+        raise fail("name", f"must be a non-empty string, got {_show(name)}")
+    if not valid_name(name):
+        raise fail("name", f"{_show(name)} is not a plain name: it must be {NAME_RULE}")
 
     vocab = raw["vocab_size"]
     vp = raw.get("padded_vocab_size", padded(vocab))
@@ -126,6 +166,13 @@ def from_dict(raw: dict, source: str) -> Spec:
         raise fail("channels", f"{raw['channels']} is not divisible by heads {raw['heads']}")
     if vp > 65536:
         raise fail("padded_vocab_size", f"{vp} is too large: tokens are stored as uint16 (at most 65536)")
+    C = raw["channels"]
+    for key, matrix, elements in (("channels", "4 * channels * channels", 4 * C * C),
+                                  ("max_seq_len", "max_seq_len * channels", raw["max_seq_len"] * C),
+                                  ("padded_vocab_size", "padded_vocab_size * channels", vp * C)):
+        if elements > INT32_MAX:
+            raise fail(key, f"too large: {matrix} = {elements:,} elements exceeds 2**31 - 1 = {INT32_MAX:,}, "
+                            "the limit of the trainer's 32-bit int size arithmetic")
     return Spec(name=name, n_layer=raw["layers"], n_head=raw["heads"], n_embd=raw["channels"],
                 vocab_size=vocab, padded_vocab_size=vp, max_seq_len=raw["max_seq_len"], source=source)
 
@@ -154,12 +201,13 @@ def load(name_or_path: str) -> Spec:
         text = resources.files("llmgen.presets").joinpath(name_or_path + ".toml").read_text()
         source = f"preset {name_or_path}"
     elif path.suffix == ".toml" or path.exists() or "/" in name_or_path:
+        from .fileio import read_regular  # (fileio imports this module)
         source = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SpecError(f"{path}: no such spec file") from None
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_regular(path, "spec file").decode("utf-8")
+        except LlmgenError as e:
+            raise SpecError(str(e)) from None
+        except UnicodeDecodeError as e:
             raise SpecError(f"{path}: cannot read spec file ({e})") from None
     else:
         raise SpecError(f"'{name_or_path}' is neither a preset ({', '.join(preset_names())}) "

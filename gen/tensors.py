@@ -66,7 +66,7 @@ def sizes(shape: tuple[str, ...], dims: dict[str, int]) -> tuple[int, ...]:
 
 
 def numel(shape: tuple[str, ...], dims: dict[str, int]) -> int:
-    return int(np.prod(sizes(shape, dims), dtype=np.int64))
+    return math.prod(sizes(shape, dims))  # exact: np.prod's int64 would wrap for absurd sizes
 
 
 def shape_comment(shape: tuple[str, ...]) -> str:

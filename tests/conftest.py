@@ -12,9 +12,23 @@ from llmgen.fileio import write_shard
 from llmgen.synthetic import markov_tokens
 
 
-def llmgen(*args, cwd=None):
+def llmgen(*args, cwd=None, timeout=None):
     """Run the llmgen command line; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "llmgen", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "llmgen", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def refused(result, *parts) -> str:
+    """The one line a refused command printed on stderr (exit status 1, no traceback), without
+    its error prefix (whatever its case); each of parts must be in it."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    prefix, sep, message = lines[0].partition(": ")
+    assert sep and prefix.lower() == "error", lines[0]
+    for part in parts:
+        assert str(part) in message, (part, message)
+    return message
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,12 @@
 """The llmgen command line: help everywhere, info figures, clear errors."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from conftest import llmgen
+from conftest import llmgen, refused
 
 
 @pytest.mark.parametrize("command", [[], ["emit"], ["info"], ["verify"], ["bench"], ["presets"], ["train"], ["sample"],
@@ -90,3 +94,52 @@ def test_info_and_bench_count_the_same_flops():
     s = specs.load("gpt2-124m")
     assert bench_flops is specs.flops_per_token
     assert specs.flops_per_token(s, 64)["total"] == 745_003_008
+
+
+def test_fifos_and_other_non_regular_files_are_refused_not_waited_on(tmp_path):
+    """A FIFO would block open() forever: every reader of a user's file refuses it by name."""
+    for name in ("spec.toml", "model.bin", "model.safetensors", "text.txt"):
+        os.mkfifo(tmp_path / name)
+    hf = tmp_path / "hf"
+    assert llmgen("export-hf", write_tiny_checkpoint(tmp_path / "tiny.bin"), "-o", hf, timeout=60).returncode == 0
+    os.remove(hf / "config.json")
+    os.mkfifo(hf / "config.json")
+    hf_fifo_model = tmp_path / "hf_fifo_model"
+    hf_fifo_model.mkdir()
+    os.mkfifo(hf_fifo_model / "model.safetensors")
+    cases = [
+        (["info", "--spec", tmp_path / "spec.toml"], tmp_path / "spec.toml", "a FIFO"),
+        (["info", "--spec", tmp_path], tmp_path, "a folder"),
+        (["info", "--spec", "/dev/zero"], "/dev/zero", "a character device"),
+        (["info", "--spec-from", tmp_path / "model.bin"], tmp_path / "model.bin", "a FIFO"),
+        (["export-hf", tmp_path / "model.bin", "-o", tmp_path / "out"], tmp_path / "model.bin", "a FIFO"),
+        (["import-hf", tmp_path / "model.safetensors", "-o", tmp_path / "x.bin"], tmp_path / "model.safetensors",
+         "a FIFO"),
+        (["import-hf", hf_fifo_model, "-o", tmp_path / "x.bin"], hf_fifo_model / "model.safetensors", "a FIFO"),
+        (["import-hf", hf, "-o", tmp_path / "x.bin"], hf / "config.json", "a FIFO"),
+        (["data", "prepare", tmp_path / "text.txt", "-o", tmp_path / "data"], tmp_path / "text.txt", ""),
+    ]
+    for args, path, kind in cases:
+        refused(llmgen(*args, timeout=20), f"{path}: ", kind)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.bin").exists()
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_too(tmp_path):
+    """open_regular opens without blocking and checks the open file again (fstat)."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "plain").write_text("x")
+    code = ("import os, sys; from llmgen import fileio; from llmgen.errors import LlmgenError\n"
+            "real = os.stat; fileio.os.stat = lambda p, *a, **k: real(sys.argv[2])  # the check sees a plain file\n"
+            "try:\n    fileio.read_regular(sys.argv[1], 'spec file')\nexcept LlmgenError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, tmp_path / "fifo", tmp_path / "plain"], capture_output=True,
+                       text=True, timeout=20)
+    assert r.returncode == 0 and "not a regular file (a FIFO)" in r.stdout, r.stdout + r.stderr
+
+
+def write_tiny_checkpoint(path):
+    from llmgen import reference as ref
+    from llmgen import spec as specs
+    from llmgen.fileio import write_model
+    spec = specs.load("test-tiny")
+    write_model(path, spec, ref.init_params(spec))
+    return path

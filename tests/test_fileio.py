@@ -15,6 +15,8 @@ from llmgen.fileio import from_bf16, read_model, read_model_spec, to_bf16, write
 from llmgen.tensors import num_params, parameters
 from llmgen.verify import build, rel_error, run_harness
 
+from conftest import llmgen, refused
+
 ODD = specs.load("test-odd")
 
 
@@ -161,3 +163,42 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert (tmp_path / "m.bin").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("layers, channels, heads, message", [
+    (100000, 50000, 50, "field 'channels': too large: 4 * channels * channels = 10,000,000,000 elements"),
+    (100000, 768, 12, "too large to load: the checkpoint's 708,826,621,440 parameters need 2,640.6 GiB of memory"),
+])
+def test_huge_sparse_checkpoint_is_refused_before_allocating(tmp_path, layers, channels, heads, message):
+    """A valid header claiming enormous sizes, and a sparse body as large as they need."""
+    header = np.zeros(256, dtype="<i4")
+    header[:8] = [20240326, 3, 1024, 50257, layers, heads, channels, 50304]
+    dims = {**ODD.dims, "L": layers, "NH": heads, "C": channels, "3C": 3 * channels, "4C": 4 * channels,
+            "V": 50257, "Vp": 50304, "maxT": 1024, "HS": channels // heads}
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        try:
+            f.truncate(1024 + 4 * num_params(dims))
+        except OSError:  # more than this file system holds even sparse: the header alone
+            if "memory" in message:
+                pytest.skip("the file system cannot hold a sparse file this large")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 4 * num_params(dims) <= total:
+        pytest.skip("this machine could load it")
+    r = llmgen("export-hf", path, "-o", tmp_path / "hf", timeout=120)
+    refused(r, f"{path}: ", message.split(" need ")[0])
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("stem", ["my model (1)", "..x", "$(shell echo hi)", "-x", ".hidden", "x" * 100, "a\nb"])
+def test_checkpoint_names_are_made_plain_not_refused(tmp_path, stem):
+    path = tmp_path / f"{stem}.bin"
+    write_model(path, ODD, ref.init_params(ODD))
+    spec, _ = read_model_spec(path)
+    assert spec == ODD and specs.valid_name(spec.name)
+    r = llmgen("info", "--spec-from", path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(spec.name + " ")
+    if stem == "my model (1)":
+        assert spec.name == "my_model__1_"

@@ -17,7 +17,7 @@ from llmgen.fileio import from_bf16, read_model, to_bf16, write_model, write_sha
 from llmgen.hf import SafeTensors, write_safetensors
 from llmgen.verify import rel_error
 
-from conftest import llmgen, random_tokens, run_trainer, step_losses
+from conftest import llmgen, random_tokens, refused, run_trainer, step_losses
 
 try:
     import safetensors.numpy as safetensors_numpy
@@ -399,3 +399,120 @@ def test_safetensors_writer_round_trip(tmp_path):
     assert set(loaded) == set(tensors) and all(np.array_equal(loaded[k], v) for k, v in tensors.items())
     st = SafeTensors(tmp_path / "x.safetensors")
     assert st.metadata == {"format": "pt"} and st.get("b").tolist() == tensors["b"].tolist()
+
+
+# ---- crafted input -----------------------------------------------------------------------
+def crafted_safetensors(path, header, data=b"\0" * 64):
+    """A safetensors file with any header: a dict or list (as JSON), or the header's bytes."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def entry(dtype="F32", shape=(2, 2), offsets=(0, 16)):
+    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
+            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+
+
+@pytest.mark.parametrize("header, field", [
+    ({"w": entry(dtype=5)}, "w: dtype"),
+    ({"w": entry(dtype=None)}, "w: dtype"),
+    ({"w": entry(shape="22")}, "w: shape"),
+    ({"w": entry(shape=[2.0, 2])}, "w: shape"),
+    ({"w": entry(shape=[True, 4])}, "w: shape"),
+    ({"w": entry(shape=[-2, -2])}, "w: shape"),
+    ({"w": entry(shape={"a": 1})}, "w: shape"),
+    ({"w": entry(shape=[2 ** 70, 2 ** 70], offsets=(0, 0))}, "w: "),      # beyond int64
+    ({"w": entry(shape=[2 ** 32, 2 ** 32], offsets=(0, 0))}, "w: "),      # wraps to 0 in int64
+    ({"w": entry(offsets=[0])}, "w: data_offsets"),
+    ({"w": entry(offsets=[0, "16"])}, "w: data_offsets"),
+    ({"w": entry(offsets=[16, 0])}, "w: data_offsets"),
+    ({"w": entry(offsets=[0, 16, 32])}, "w: data_offsets"),
+    ({"w": entry(offsets=[-16, 0])}, "w: data_offsets"),
+    ({"w": entry(offsets=[False, 16])}, "w: data_offsets"),
+    ({"w": entry(offsets=None)}, "w: data_offsets"),
+    ({"w": entry(offsets=(0, 2 ** 80))}, "tensor w ends at byte"),          # past the end of the file
+    ({"w": entry(offsets=(48, 64)), "v": entry(offsets=(56, 72))}, "v ends at byte"),
+    ({"w": entry(), "v": entry(offsets=(8, 24))}, "overlap"),
+    ({"w": entry(), "v": entry(offsets=(0, 16))}, "overlap"),
+    ({"w": 5}, "tensor w: header entry"),
+    ({"w": [1, 2]}, "tensor w: header entry"),
+    ({"w": {"dtype": "F32", "shape": [2, 2]}}, "w: data_offsets"),
+    ({"w": {}}, "w: dtype"),
+    ({"w\nx": entry()}, "tensor name"),
+    ({"__metadata__": 5, "w": entry()}, "__metadata__"),
+    ({"__metadata__": {"format": 1}, "w": entry()}, "__metadata__"),
+    ({"__metadata__": ["pt"], "w": entry()}, "__metadata__"),
+    ([1, 2], "not a JSON object"),
+    ("header", "not a JSON object"),
+    (None, "not a JSON object"),
+    (b"[" * 100_000 + b"]" * 100_000, "not a safetensors file"),           # too deep for json
+    (b"\xff\xfe", "not a safetensors file"),
+])
+def test_crafted_safetensors_headers_are_refused(tmp_path, header, field):
+    path = crafted_safetensors(tmp_path / "m" / "crafted.safetensors", header)
+    refused(llmgen("import-hf", path, "-o", tmp_path / "out.bin"), f"{path}: ", field)
+    assert not (tmp_path / "out.bin").exists()
+
+
+def valid_hf_dir(d, **config_overrides):
+    d.mkdir(parents=True, exist_ok=True)
+    write_safetensors(d / "model.safetensors", {"transformer." + k: v for k, v in random_hf_tensors().items()})
+    config = gpt2_config_json(**config_overrides)
+    (d / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not DROP}))
+    return d
+
+
+DROP = object()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("n_head", "3"), ("n_head", 3.0), ("n_head", None), ("n_head", True), ("n_embd", 7.5), ("n_embd", "48"),
+    ("vocab_size", None), ("vocab_size", [100]), ("n_layer", True), ("n_positions", {"a": 1}), ("n_inner", "192"),
+    ("architectures", "GPT2LMHeadModel"), ("architectures", 5), ("architectures", [["GPT2LMHeadModel"]]),
+    ("architectures", {"GPT2LMHeadModel": 1}), ("model_type", ["gpt2"]), ("activation_function", 5),
+    ("activation_function", ["gelu_new"]), ("layer_norm_epsilon", "1e-5"), ("layer_norm_epsilon", True),
+    ("scale_attn_weights", "false"), ("scale_attn_weights", 0), ("add_cross_attention", "true"),
+    ("scale_attn_by_inverse_layer_idx", "no"), ("llmgen_padded_vocab_size", "128"),
+])
+def test_config_values_of_the_wrong_type_are_refused(tmp_path, key, value):
+    d = valid_hf_dir(tmp_path / "hf", **{key: value})
+    refused(llmgen("import-hf", d, "-o", tmp_path / "out.bin"), f"{d / 'config.json'}: {key}")
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_config_that_is_deeply_nested_or_not_an_object(tmp_path):
+    d = valid_hf_dir(tmp_path / "hf")
+    for text in ["[" * 100_000 + "]" * 100_000, '{"n_head": ' + "[" * 100_000 + "]" * 100_000 + "}", "[1]", "5"]:
+        (d / "config.json").write_text(text)
+        refused(llmgen("import-hf", d, "-o", tmp_path / "out.bin"), f"{d / 'config.json'}: ")
+    # the crafted files' valid twin imports (architectures may be null; n_inner null or 4C)
+    valid_hf_dir(d, architectures=None, n_inner=4 * C)
+    ok(llmgen("import-hf", d, "-o", tmp_path / "out.bin"))
+
+
+def test_safetensors_claiming_more_blocks_than_it_holds(tmp_path):
+    """h.99999999.* makes 10^8 blocks: refused for the missing ones before anything is allocated."""
+    t = {"transformer." + k: v for k, v in random_hf_tensors().items()}
+    t["transformer.h.99999999.ln_1.weight"] = t["transformer.h.0.ln_1.weight"]
+    write_safetensors(tmp_path / "m.safetensors", t)
+    refused(llmgen("import-hf", tmp_path / "m.safetensors", "-o", tmp_path / "out.bin", "--heads", NH),
+            "missing tensor h.2.ln_1.weight")
+
+
+def test_import_names_the_spec_after_the_output_plainly(tmp_path):
+    d = valid_hf_dir(tmp_path / "hf")
+    out = ok(llmgen("import-hf", d, "-o", tmp_path / "my model (2).bin"))
+    assert 'name = "my_model__2_"' in out
+    ok(llmgen("info", "--spec-from", tmp_path / "my model (2).bin"))
+
+
+def test_safetensors_entries_in_any_order_and_empty_tensors_load(tmp_path):
+    a, b = np.arange(4, dtype="<f4"), np.arange(6, dtype="<f4") + 10
+    header = {"b": entry(shape=(2, 3), offsets=(16, 40)), "empty": entry(shape=(0, 5), offsets=(16, 16)),
+              "a": entry(shape=(4,), offsets=(0, 16)), "__metadata__": {"format": "pt"}}
+    path = crafted_safetensors(tmp_path / "x.safetensors", header, a.tobytes() + b.tobytes())
+    st = SafeTensors(path)
+    assert st.get("a").tolist() == a.tolist() and st.get("b").tolist() == b.reshape(2, 3).tolist()
+    assert st.get("empty").shape == (0, 5)

@@ -1,13 +1,17 @@
 """`llmgen data prepare`: text to shards and back, and every kind of bad input."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import llmgen
+from conftest import llmgen, refused
+from llmgen.errors import LlmgenError
 from llmgen.fileio import read_shard
-from llmgen.prepare import prepare
+from llmgen.prepare import prepare, split_chunks
 from llmgen.tokenizer import EOT_TOKEN, gpt2, read_c_tokenizer
 
 DOCS = {
@@ -146,3 +150,185 @@ def test_progress_bar_on_large_input(tmp_path, monkeypatch, capsys):
     (tmp_path / "small.txt").write_text("small\n" * 10)
     prep.prepare([str(tmp_path / "small.txt")], tmp_path / "out2", progress=True)
     assert capsys.readouterr().err == ""
+
+
+def test_fifo_inputs_do_not_block(tmp_path):
+    """A FIFO named as an input is refused; one inside an input folder is no document (skipped)."""
+    src = write_docs(tmp_path / "corpus")
+    os.mkfifo(src / "pipe.txt")
+    r = llmgen("data", "prepare", src, "-o", tmp_path / "out", "--val-tokens", 10, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert read_back(tmp_path / "out") == [DOCS["a.txt"], DOCS["b.txt"], DOCS["sub/c.md"]]
+    refused(llmgen("data", "prepare", src / "pipe.txt", "-o", tmp_path / "out2", timeout=20), "pipe.txt: ")
+    assert not (tmp_path / "out2").exists()
+
+
+def failing_nth_write(monkeypatch, n):
+    """Make the n-th file write (1-based) of llmgen fail half way with a full disk."""
+    import errno
+    import llmgen.fileio as fileio
+    import llmgen.prepare as prep
+    import llmgen.tokenizer as tok
+    real, calls = fileio.write_atomic, []
+
+    def write_atomic(path, chunks):
+        calls.append(path)
+        if len(calls) != n:
+            return real(path, chunks)
+
+        def half_then_full():
+            yield b"some bytes first"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, half_then_full())
+    for module in (fileio, prep, tok):  # the shards, prepare.json, the tokenizer file
+        monkeypatch.setattr(module, "write_atomic", write_atomic)
+    return calls
+
+
+def snapshot(out):
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, "tokenizer", "manifest"])
+def test_a_prepare_that_fails_while_writing_leaves_the_old_set_whole(tmp_path, monkeypatch, fail_at):
+    from llmgen.prepare import is_prepared
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text("the old corpus, prepared first\n" * 40)
+    new.write_text("a different, newer corpus of text\n" * 60)
+    out = tmp_path / "out"
+    prepare([str(old)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    (out / "notes.txt").write_text("the user's own file")
+    before = snapshot(out)
+    n_new = len(prepare([str(new)], tmp_path / "probe", val_fraction=0.25, shard_tokens=100, progress=False).shards)
+    assert n_new > 3
+    n = {"tokenizer": n_new + 1, "manifest": n_new + 2}.get(fail_at, fail_at)
+    calls = failing_nth_write(monkeypatch, n)
+    with pytest.raises(LlmgenError, match="No space left on device"):
+        prepare([str(new)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    assert len(calls) == n
+    if fail_at in ("tokenizer", "manifest"):
+        assert calls[-1].name == {"tokenizer": "gpt2_tokenizer.bin", "manifest": "prepare.json"}[fail_at]
+    assert snapshot(out) == before                    # the old set, whole; no staging dir left behind
+    assert is_prepared([str(old)], out, val_fraction=0.25, shard_tokens=100)
+    assert not is_prepared([str(new)], out, val_fraction=0.25, shard_tokens=100)
+
+
+def test_a_prepare_interrupted_while_moving_files_in_does_not_look_prepared(tmp_path, monkeypatch):
+    import llmgen.prepare as prep
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text("the old corpus, prepared first\n" * 40)
+    new.write_text("a different, newer corpus of text\n" * 60)
+    out = tmp_path / "out"
+    prepare([str(old)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    (out / "notes.txt").write_text("the user's own file")
+    real, moved = os.replace, []
+
+    def replace(src, dst):
+        if ".llmgen-prepare-" in str(src) and ".llmgen-prepare-" not in str(dst):  # staging -> out
+            moved.append(dst)
+            if len(moved) == 2:
+                raise OSError(5, os.strerror(5))
+        return real(src, dst)
+    monkeypatch.setattr(prep.os, "replace", replace)
+    with pytest.raises(LlmgenError, match="cannot move the prepared files into place"):
+        prepare([str(new)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    monkeypatch.undo()
+    assert not prep.is_prepared([str(old)], out, val_fraction=0.25, shard_tokens=100)
+    assert not prep.is_prepared([str(new)], out, val_fraction=0.25, shard_tokens=100)
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # and preparing again mends it
+    prepare([str(new)], out, val_fraction=0.25, shard_tokens=100, progress=False)
+    assert prep.is_prepared([str(new)], out, val_fraction=0.25, shard_tokens=100)
+    assert read_back(out) == [new.read_text()] and (out / "notes.txt").exists()
+
+
+# ---- long whitespace runs ----------------------------------------------------------------
+WHITE = [" ", "\n", "\t", "\r", "\x0b", "\x0c", "\x85", "\xa0", "\u2003", "\u3000", "\u2028"]
+AFTER = ["word", "Word", "42", "!?", "'s", "'ll", "日本", "🤖", "\x1cnot space", "\u200bzero width", "\u00e9t\u00e9"]
+
+
+def whitespace_heavy_strings():
+    rng = np.random.default_rng(7)
+    yield "a" + " " * 5000 + "b"
+    yield "x" + "\n" * 5000 + "y"
+    yield "first line\n" + "\n" * 5000 + "Next paragraph."
+    yield "mixed" + "".join(rng.choice([" ", "\t", "\n"], 5000)) + "words after, and more"
+    yield " " * 5000 + "starts with spaces and ends with them" + " " * 5000
+    yield "\t" * 3000 + " " + "x" + "\n \n" * 1000 + " y" + "\r\n" * 2000 + "z"
+    for w in WHITE:
+        for after in AFTER:
+            yield f"before{w * 2500}{after}, then {w}{w}{after} and {w}{after}{w * 3}"
+    # random mixtures of runs and the characters around them
+    alphabet = WHITE + ["\x1c", "\x1f", "\u200b", "\u180e", "\ufeff", "a", "Z", "é", "7", "!", "'", "s", "日", "🤖"]
+    for _ in range(300):
+        yield "".join(rng.choice(alphabet, rng.integers(1, 60)))
+
+
+def test_whitespace_runs_are_cut_without_changing_the_tokens():
+    """Cutting before the last character of every whitespace run (max_run=2, so every run
+    of two or more gets cut) tokenizes exactly as the whole text does."""
+    enc = gpt2()
+    cut = 0
+    for text in whitespace_heavy_strings():
+        whole = enc.encode_ordinary(text)
+        for max_run, size in [(2, 1 << 20), (2, 7), (3, 1 << 20), (5, 11), (100, 1 << 20), (4999, 1 << 20),
+                              (5000, 1000)]:
+            pieces = split_chunks(text, size=size, max_run=max_run)
+            assert "".join(pieces) == text
+            assert [i for p in pieces for i in enc.encode_ordinary(p)] == whole, (text[:40], max_run, size)
+            cut += len(pieces) - 1
+    assert cut > 1000
+
+
+def test_whitespace_is_what_tiktoken_takes_for_whitespace():
+    """split_chunks' WHITESPACE is exactly tiktoken's \\s, among every character Python calls
+    a space and some that are not: tiktoken fails on a run of a million of just those."""
+    from llmgen.prepare import WHITESPACE
+    enc = gpt2()
+    candidates = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()] + ["\u200b", "\u180e", "\ufeff"]
+    for c in candidates:
+        text = "a" + c * 1_100_000 + "b"
+        try:
+            enc.encode_ordinary(text)
+            fails = False
+        except BaseException:  # tiktoken's Rust panic (pyo3_runtime.PanicException)
+            fails = True
+        mine = c in WHITESPACE
+        assert mine == fails, (hex(ord(c)), mine, fails)
+    assert "\x1c" not in WHITESPACE
+
+
+@pytest.mark.parametrize("run", [" ", "\n", " \t\n"])
+def test_cli_a_million_whitespace_characters(tmp_path, run):
+    text = "start" + (run * 1_000_000)[:1_000_000] + "end\n"
+    (tmp_path / "ws.txt").write_text(text)
+    r = llmgen("data", "prepare", tmp_path / "ws.txt", "-o", tmp_path / "out", "--val-fraction", "0", timeout=120)
+    assert r.returncode == 0, r.stderr
+    tokens = read_shard(tmp_path / "out" / "train_000000.bin")
+    assert gpt2().decode(tokens[1:].tolist()) == text
+    if run == " ":  # GPT-2 has no token for two spaces: the run less its last space is 220s
+        enc = gpt2()
+        assert tokens.tolist() == [EOT_TOKEN] + enc.encode_ordinary("start") + [220] * 999_999 + \
+            enc.encode_ordinary(" end\n")
+
+
+def test_a_manifest_that_is_no_manifest_means_not_prepared(tmp_path):
+    """Whatever prepare.json holds (or is), is_prepared answers False, without an exception or
+    a wait: llmgen train then prepares again."""
+    from llmgen.prepare import is_prepared
+    (tmp_path / "t.txt").write_text("some text to prepare\n" * 20)
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "t.txt")], out, progress=False)
+    assert is_prepared([str(tmp_path / "t.txt")], out)
+    good = json.loads((out / "prepare.json").read_text())
+    for text in ["[]", "5", "null", '"x"', "[" * 100_000 + "]" * 100_000, "\xff", json.dumps(dict(good, shards=5)),
+                 json.dumps(dict(good, shards=[1, 2])), json.dumps(dict(good, shards=[])),
+                 json.dumps(dict(good, shards=None)), json.dumps(dict(good, inputs={"a": 1}))]:
+        (out / "prepare.json").write_text(text)
+        assert not is_prepared([str(tmp_path / "t.txt")], out), text[:40]
+    (out / "prepare.json").unlink()
+    os.mkfifo(out / "prepare.json")
+    code = "import sys; from llmgen.prepare import is_prepared; print(is_prepared([sys.argv[1]], sys.argv[2]))"
+    r = subprocess.run([sys.executable, "-c", code, tmp_path / "t.txt", out], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
