@@ -7,7 +7,6 @@ template aligns anything by hand.
 
 from __future__ import annotations
 
-import math
 import subprocess
 from pathlib import Path
 

@@ -101,10 +101,10 @@ def test_the_largest_sizes_the_rule_allows_are_accepted_and_counted_exactly(tmp_
     path.write_text(GOOD.replace("channels = 32", "channels = 23170").replace("heads = 2", "heads = 2317")
                     .replace("layers = 2", "layers = 2147483647").replace("max_seq_len = 16", "max_seq_len = 92681"))
     s = specs.load(str(path))
-    out = llmgen("info", "--spec", path, "-b", 1000)
+    out = llmgen("info", "--spec", path, "-b", 1000, "-t", 92681)
     assert out.returncode == 0, out.stderr
     # the activations of B=1000, T=92681: far beyond int64, printed exactly (not wrapped)
-    acts = num_acts({**s.dims, "B": 1000, "T": 92681})
+    acts = num_acts(s, 1000, 92681)
     assert acts > 2 ** 63 and f"{acts * 4 / 2 ** 20:>12,.1f} MiB" in out.stdout
 
 
