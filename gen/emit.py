@@ -141,6 +141,7 @@ def c_context(spec: Spec) -> dict:
     acts = [_act(a) for a in activations(spec, Target.C)]
     ctx.update({
         "target": "c",
+        "bf16": False,
         "acts": acts,
         "layer_acts": [a for a in acts if a["per_layer"]],
         "layers": LAYERS,

@@ -118,7 +118,7 @@ def train(spec: Spec, inputs: list[str], out_dir: str | Path, *, steps: int, bat
     step, val_loss, train_loss = 0, None, None
     sample_lines: list[str] | None = None
     sample_text = ""
-    every = max(1, steps // 20)
+    every = max(1, steps // 10)
     for line in proc.stdout:
         line = line.rstrip("\n")
         if sample_lines is not None:            # inside a sample block, up to its closing ---

@@ -48,6 +48,16 @@ def test_help_and_bad_flags(tiny_trainer):
         assert bad.returncode != 0 and message in bad.stderr
 
 
+def test_default_sequence_length_fits_in_memory(tiny_trainer, tiny_data):
+    """-t defaults to 64 (llm.c's CPU trainer's), or max_seq_len if that is smaller; never the
+    whole 1024 context of GPT-2, whose activations for B=4 would need about 18 GB."""
+    from llmgen.emit import render
+    assert '"  -h          this help\\n", MAX_SEQ_LEN, 64);' in render(specs.load("gpt2-124m"))["train_gpt2.c"]
+    assert "at most 32 (default 32)" in run_trainer(tiny_trainer, "-h").stdout  # test-tiny: max_seq_len 32
+    result = run_trainer(tiny_trainer, *data_args(tiny_data), "-x", 1, "-v", 0, "-s", 0)
+    assert "batches of B=4 x T=32" in result.stdout
+
+
 def test_sampling_prints_token_ids(tiny_trainer, tiny_data):
     result = run_trainer(tiny_trainer, *data_args(tiny_data), *COMMON, "-x", 2, "-s", 1, "-g", 40)
     samples = trainer_output.samples(result.stdout)
