@@ -23,7 +23,7 @@ from .tensors import Act, Param, activations, num_params, parameters, shape_comm
 # Symbolic dimension -> C expression, for sizes that depend on B and T at run time.
 C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNELS", "HS": "HEAD_SIZE",
           "3C": "3 * CHANNELS", "4C": "4 * CHANNELS", "Vp": "PADDED_VOCAB_SIZE", "V": "VOCAB_SIZE",
-          "maxT": "MAX_SEQ_LEN"}
+          "maxT": "MAX_SEQ_LEN", "CR": "classifier_rows(B, T)"}
 
 # The layer templates under templates/layers/, in the order they appear in the file.
 LAYERS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier")
@@ -148,6 +148,7 @@ def c_context(spec: Spec) -> dict:
         "gemm": gemm_sizes(spec),
         "model_version": 3,
         "default_T": min(64, spec.max_seq_len),
+        "classifier_rows": spec.classifier_rows,
     })
     return ctx
 

@@ -30,6 +30,7 @@ from . import tensors
 from .errors import LlmgenError
 
 VOCAB_PAD_MULTIPLE = 128
+CLASSIFIER_BLOCK_BYTES = 64 << 20  # the C trainer's block of logits: 256 rows of GPT-2's vocab
 
 # TOML key -> (dataclass field, description); the order is the order of a spec file.
 FIELDS = {
@@ -106,7 +107,15 @@ class Spec:
         C = self.n_embd
         return {"L": self.n_layer, "NH": self.n_head, "C": C, "3C": 3 * C, "4C": 4 * C,
                 "V": self.vocab_size, "Vp": self.padded_vocab_size, "maxT": self.max_seq_len,
-                "HS": self.head_size}
+                "HS": self.head_size, "CR": self.classifier_rows}
+
+    @property
+    def classifier_rows(self) -> int:
+        """Positions the C trainer's classifier takes at a time: its block of logits (rows x Vp
+        floats) stays within CLASSIFIER_BLOCK_BYTES, and the rows are a multiple of 64, at
+        least 64, at most 4096."""
+        rows = CLASSIFIER_BLOCK_BYTES // (4 * self.padded_vocab_size) // 64 * 64
+        return max(64, min(4096, rows))
 
     def to_toml(self) -> str:
         lines = [f'name = "{self.name}"']

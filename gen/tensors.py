@@ -131,8 +131,8 @@ _C_ACTS = (
     Act("lnf", ("B", "T", "C"), "final layernorm output"),
     Act("lnf_mean", ("B", "T"), "final layernorm mean", grad=False, fp32=True),
     Act("lnf_rstd", ("B", "T"), "final layernorm reciprocal standard deviation", grad=False, fp32=True),
-    Act("logits", ("B", "T", "Vp"), "classifier logits", grad=False),
-    Act("probs", ("B", "T", "Vp"), "softmax of the logits; the backward overwrites it with dlogits", grad=False),
+    Act("logits", ("CR", "Vp"), "classifier logits, CLASSIFIER_ROWS positions at a time; in the backward their "
+        "gradient", grad=False),
     Act("losses", ("B", "T"), "cross-entropy loss at each position", grad=False, fp32=True),
 )
 
@@ -140,14 +140,15 @@ _C_ACTS = (
 def _cuda_acts() -> tuple[Act, ...]:
     """The CUDA trainer keeps the C trainer's activations with two changes: its flash
     attention never stores the T x T matrices (preatt, att) but recomputes them in the
-    backward pass from q, k and one softmax statistic per query (att_lse), and its fused
-    classifier turns the logits into their gradient in place (no probs)."""
+    backward pass from q, k and one softmax statistic per query (att_lse), and it keeps the
+    logits of every position, which its fused classifier turns into their gradient in place."""
     out = []
     for a in _C_ACTS:
-        if a.name in ("preatt", "att", "probs"):
+        if a.name in ("preatt", "att"):
             continue
         if a.name == "logits":
-            a = Act("logits", a.shape, "classifier logits; after a forward with targets, their gradient", grad=False)
+            a = Act("logits", ("B", "T", "Vp"), "classifier logits; after the classifier's backward, their gradient",
+                    grad=False)
         out.append(a)
         if a.name == "atty":
             out.append(Act("att_lse", ("L", "B", "NH", "T"),
@@ -178,7 +179,7 @@ def num_params(spec, padded: bool = True) -> int:
 def num_acts(spec, B: int, T: int, target: Target = Target.C, grads: bool = False) -> int:
     """Floats (elements) of the activations for a batch of B x T; with grads, of the
     activation gradients the C backward keeps."""
-    dims = {**spec.dims, "B": B, "T": T}
+    dims = {**spec.dims, "B": B, "T": T, "CR": min(B * T, spec.classifier_rows)}
     return sum(numel(a.shape, dims) for a in activations(spec, target) if a.grad or not grads)
 
 

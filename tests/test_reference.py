@@ -115,7 +115,8 @@ def test_cache_has_every_activation_with_its_shape(spec):
     dims = dict(spec.dims, B=B, T=T)
     for a in activations(spec):
         assert a.name in cache, a.name
-        assert cache[a.name].shape == sizes(a.shape, dims), a.name
+        shape = ("B", "T", "Vp") if a.name == "logits" else a.shape  # the C trainer holds a block of rows
+        assert cache[a.name].shape == sizes(shape, dims), a.name
         assert cache[a.name].dtype == np.float32, a.name
     assert cache["logits"] is logits
     assert float(cache["losses"].mean()) == pytest.approx(loss, rel=1e-6)

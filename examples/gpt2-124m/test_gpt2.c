@@ -37,11 +37,12 @@ int main(int argc, char** argv) {
         fwrite_check(gpt2_logits_row(&model, n), sizeof(float), PADDED_VOCAB_SIZE, out, out_path);
     }
 
-    // one forward with targets and one backward on the same batch
+    // the loss of a forward with targets, then one backward on the same batch
     gpt2_forward(&model, loader.inputs, loader.targets, B, T);
-    gpt2_zero_grad(&model);
-    gpt2_backward(&model, 1.0f / ((float)B * T), B, T);
     fwrite_check(&model.mean_loss, sizeof(float), 1, out, out_path);
+    gpt2_forward(&model, loader.inputs, NULL, B, T);
+    gpt2_zero_grad(&model);
+    gpt2_backward(&model, loader.targets, 1.0f / ((float)B * T), B, T);
     gpt2_get_gradients(&model, host);
     fwrite_check(host, sizeof(float), NUM_PARAMETERS, out, out_path);
 

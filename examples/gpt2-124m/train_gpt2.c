@@ -356,6 +356,21 @@ static void matmul_forward(float* out,                             // (N,OC)
          /*M=*/OC, /*N=*/N, /*K=*/IC, /*accumulate=*/0);
 }
 
+// The same for one row (a matrix-vector product): out[o] = bias[o] + weight[o,:] . inp,
+// parallel over the output channels; bias may be NULL.
+static void matvec_forward(float* out,                             // (OC)
+                           const float* inp,                       // (IC)
+                           const float* weight, const float* bias, // (OC,IC), (OC)
+                           int IC, int OC) {
+    #pragma omp parallel for
+    for (int o = 0; o < OC; o++) {
+        const float* w = weight + (size_t)o * IC;
+        float sum = bias != NULL ? bias[o] : 0.0f;
+        for (int i = 0; i < IC; i++) { sum += w[i] * inp[i]; }
+        out[o] = sum;
+    }
+}
+
 #define DBIAS_BLOCK 64
 // Backward of out = inp @ weight^T + bias:
 //   dinp = dout @ weight     dweight += dout^T @ inp     dbias += sum of dout over rows
@@ -524,48 +539,48 @@ static void residual_backward(float* dinp1, float* dinp2, const float* dout, siz
     }
 }
 
-// Softmax over the real vocabulary V of each position's logits; the padded entries
-// [V, Vp) get probability 0 and never take part.
-static void softmax_forward(float* probs, const float* logits,          // (N,Vp), (N,Vp)
-                            int N, int V, int Vp) {
+// Softmax and cross-entropy over the real vocabulary V of each position's logits (the padded
+// entries [V, Vp) take no part), with m the row's maximum for a stable exponent:
+//   losses[n] = -log softmax(z)[target] = log(sum over i < V of exp(z[i] - m)) + m - z[target]
+static void crossentropy_forward(float* losses,                           // (N)
+                                 const float* logits, const int* targets, // (N,Vp), (N)
+                                 int N, int V, int Vp) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float* z = logits + (size_t)n * Vp;
-        float* p = probs + (size_t)n * Vp;
         float maxval = -FLT_MAX;
-        for (int i = 0; i < V; i++) { if (z[i] > maxval) { maxval = z[i]; } }
+        for (int i = 0; i < V; i++) { maxval = z[i] > maxval ? z[i] : maxval; }
         float sum = 0.0f;
-        for (int i = 0; i < V; i++) { p[i] = expf(z[i] - maxval); sum += p[i]; }
-        for (int i = 0; i < V; i++) { p[i] /= sum; }
-        for (int i = V; i < Vp; i++) { p[i] = 0.0f; }
+        for (int i = 0; i < V; i++) { sum += expf(z[i] - maxval); }
+        losses[n] = logf(sum) + maxval - z[targets[n]];
     }
 }
 
-// Cross-entropy loss at each position: losses[n] = -log probs[n, targets[n]]
-static void crossentropy_forward(float* losses,                          // (N)
-                                 const float* probs, const int* targets, // (N,Vp), (N)
-                                 int N, int Vp) {
-    for (int n = 0; n < N; n++) {
-        losses[n] = -logf(probs[(size_t)n * Vp + targets[n]]);
-    }
-}
-
-// Softmax and cross-entropy together have a simple gradient at the logits, with dloss the
-// derivative of the objective with respect to every position's loss:
-//   dlogits[n,i] = (probs[n,i] - [i == target]) * dloss    for i < V, and 0 for the padding
-// dlogits may be probs itself: the probabilities are overwritten in place, so that the
-// BxTxVp probabilities and their gradient share one buffer.
-static void crossentropy_softmax_backward(float* dlogits,     // (N,Vp)
-                                          const float* probs, // (N,Vp)
+// The same losses, and their gradient at the logits, in place: softmax and cross-entropy
+// together have a simple one, with dloss the derivative of the objective with respect to
+// every position's loss:
+//   dlogits[n,i] = (softmax(z)[i] - [i == target]) * dloss    for i < V, and 0 for the padding
+static void crossentropy_softmax_backward(float* dlogits,     // (N,Vp): in the logits, out their gradient
+                                          float* losses,      // (N)
                                           const int* targets, // (N)
                                           float dloss, int N, int V, int Vp) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
-        float* dz = dlogits + (size_t)n * Vp;
-        const float* p = probs + (size_t)n * Vp;
-        for (int i = 0; i < V; i++) { dz[i] = p[i] * dloss; }
-        for (int i = V; i < Vp; i++) { dz[i] = 0.0f; }
-        dz[targets[n]] -= dloss;
+        float* z = dlogits + (size_t)n * Vp;
+        int target = targets[n];
+        float z_target = z[target];  // read before the row is overwritten
+        float maxval = -FLT_MAX;
+        for (int i = 0; i < V; i++) { maxval = z[i] > maxval ? z[i] : maxval; }
+        float sum = 0.0f;
+        for (int i = 0; i < V; i++) {
+            z[i] = expf(z[i] - maxval);
+            sum += z[i];
+        }
+        losses[n] = logf(sum) + maxval - z_target;
+        float scale = dloss / sum;
+        for (int i = 0; i < V; i++) { z[i] *= scale; }
+        for (int i = V; i < Vp; i++) { z[i] = 0.0f; }
+        z[target] -= dloss;
     }
 }
 
@@ -741,7 +756,14 @@ static LayerParams layer_params(const ParameterTensors* all, int l) {
     return v;
 }
 
-#define NUM_ACTIVATION_TENSORS 23
+// The classifier takes CLASSIFIER_ROWS positions at a time, so that its block of logits
+// (CLASSIFIER_ROWS x Vp floats) stays small however large the batch.
+#define CLASSIFIER_ROWS 320
+static size_t classifier_rows(int B, int T) {
+    return (size_t)B * T < CLASSIFIER_ROWS ? (size_t)B * T : CLASSIFIER_ROWS;
+}
+
+#define NUM_ACTIVATION_TENSORS 22
 typedef struct {
     float* encoded;   // (B,T,C) token + position embedding
     float* ln1;       // (L,B,T,C) layernorm 1 output
@@ -763,40 +785,38 @@ typedef struct {
     float* lnf;       // (B,T,C) final layernorm output
     float* lnf_mean;  // (B,T) final layernorm mean
     float* lnf_rstd;  // (B,T) final layernorm reciprocal standard deviation
-    float* logits;    // (B,T,Vp) classifier logits
-    float* probs;     // (B,T,Vp) softmax of the logits; the backward overwrites it with dlogits
+    float* logits;    // (CR,Vp) classifier logits, CLASSIFIER_ROWS positions at a time; in the backward their gradient
     float* losses;    // (B,T) cross-entropy loss at each position
 } ActivationTensors;
 
 // Floats in each activation tensor for a batch of B sequences of T tokens.
 static void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], int B, int T) {
-    sizes[0] = (size_t)B * T * CHANNELS;                   // encoded (B,T,C)
-    sizes[1] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // ln1 (L,B,T,C)
-    sizes[2] = (size_t)NUM_LAYERS * B * T;                 // ln1_mean (L,B,T)
-    sizes[3] = (size_t)NUM_LAYERS * B * T;                 // ln1_rstd (L,B,T)
-    sizes[4] = (size_t)NUM_LAYERS * B * T * 3 * CHANNELS;  // qkv (L,B,T,3C)
-    sizes[5] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // atty (L,B,T,C)
-    sizes[6] = (size_t)NUM_LAYERS * B * NUM_HEADS * T * T; // preatt (L,B,NH,T,T)
-    sizes[7] = (size_t)NUM_LAYERS * B * NUM_HEADS * T * T; // att (L,B,NH,T,T)
-    sizes[8] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // attproj (L,B,T,C)
-    sizes[9] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // residual2 (L,B,T,C)
-    sizes[10] = (size_t)NUM_LAYERS * B * T * CHANNELS;     // ln2 (L,B,T,C)
-    sizes[11] = (size_t)NUM_LAYERS * B * T;                // ln2_mean (L,B,T)
-    sizes[12] = (size_t)NUM_LAYERS * B * T;                // ln2_rstd (L,B,T)
-    sizes[13] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS; // fch (L,B,T,4C)
-    sizes[14] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS; // fch_gelu (L,B,T,4C)
-    sizes[15] = (size_t)NUM_LAYERS * B * T * CHANNELS;     // fcproj (L,B,T,C)
-    sizes[16] = (size_t)NUM_LAYERS * B * T * CHANNELS;     // residual3 (L,B,T,C)
-    sizes[17] = (size_t)B * T * CHANNELS;                  // lnf (B,T,C)
-    sizes[18] = (size_t)B * T;                             // lnf_mean (B,T)
-    sizes[19] = (size_t)B * T;                             // lnf_rstd (B,T)
-    sizes[20] = (size_t)B * T * PADDED_VOCAB_SIZE;         // logits (B,T,Vp)
-    sizes[21] = (size_t)B * T * PADDED_VOCAB_SIZE;         // probs (B,T,Vp)
-    sizes[22] = (size_t)B * T;                             // losses (B,T)
+    sizes[0] = (size_t)B * T * CHANNELS;                           // encoded (B,T,C)
+    sizes[1] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // ln1 (L,B,T,C)
+    sizes[2] = (size_t)NUM_LAYERS * B * T;                         // ln1_mean (L,B,T)
+    sizes[3] = (size_t)NUM_LAYERS * B * T;                         // ln1_rstd (L,B,T)
+    sizes[4] = (size_t)NUM_LAYERS * B * T * 3 * CHANNELS;          // qkv (L,B,T,3C)
+    sizes[5] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // atty (L,B,T,C)
+    sizes[6] = (size_t)NUM_LAYERS * B * NUM_HEADS * T * T;         // preatt (L,B,NH,T,T)
+    sizes[7] = (size_t)NUM_LAYERS * B * NUM_HEADS * T * T;         // att (L,B,NH,T,T)
+    sizes[8] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // attproj (L,B,T,C)
+    sizes[9] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // residual2 (L,B,T,C)
+    sizes[10] = (size_t)NUM_LAYERS * B * T * CHANNELS;             // ln2 (L,B,T,C)
+    sizes[11] = (size_t)NUM_LAYERS * B * T;                        // ln2_mean (L,B,T)
+    sizes[12] = (size_t)NUM_LAYERS * B * T;                        // ln2_rstd (L,B,T)
+    sizes[13] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS;         // fch (L,B,T,4C)
+    sizes[14] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS;         // fch_gelu (L,B,T,4C)
+    sizes[15] = (size_t)NUM_LAYERS * B * T * CHANNELS;             // fcproj (L,B,T,C)
+    sizes[16] = (size_t)NUM_LAYERS * B * T * CHANNELS;             // residual3 (L,B,T,C)
+    sizes[17] = (size_t)B * T * CHANNELS;                          // lnf (B,T,C)
+    sizes[18] = (size_t)B * T;                                     // lnf_mean (B,T)
+    sizes[19] = (size_t)B * T;                                     // lnf_rstd (B,T)
+    sizes[20] = (size_t)classifier_rows(B, T) * PADDED_VOCAB_SIZE; // logits (CR,Vp)
+    sizes[21] = (size_t)B * T;                                     // losses (B,T)
 }
 
-// 1 where the backward keeps a gradient for the activation: not for the layernorm
-// statistics, nor the logits, probabilities and losses (dlogits overwrites the probabilities).
+// 1 where the backward keeps a gradient for the activation: not for the layernorm statistics,
+// nor the logits (the backward turns them into their gradient in place) and the losses.
 static const int act_has_grad[NUM_ACTIVATION_TENSORS] = {
     1, // encoded
     1, // ln1
@@ -819,7 +839,6 @@ static const int act_has_grad[NUM_ACTIVATION_TENSORS] = {
     0, // lnf_mean
     0, // lnf_rstd
     0, // logits
-    0, // probs
     0, // losses
 };
 
@@ -828,8 +847,7 @@ static void point_activations(ActivationTensors* a, float* memory, const size_t 
     float** ptrs[NUM_ACTIVATION_TENSORS] = {
         &a->encoded, &a->ln1, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->atty, &a->preatt, &a->att,
         &a->attproj, &a->residual2, &a->ln2, &a->ln2_mean, &a->ln2_rstd, &a->fch, &a->fch_gelu,
-        &a->fcproj, &a->residual3, &a->lnf, &a->lnf_mean, &a->lnf_rstd, &a->logits, &a->probs,
-        &a->losses
+        &a->fcproj, &a->residual3, &a->lnf, &a->lnf_mean, &a->lnf_rstd, &a->logits, &a->losses
     };
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) {
         *ptrs[i] = sizes[i] > 0 ? memory : NULL;
@@ -898,8 +916,8 @@ typedef struct {
     size_t num_activations; // floats in acts_memory
     int B, T;               // the largest batch the activations hold
     int* inputs;            // (B,T) token ids of the last forward
-    int* targets;           // (B,T) next tokens of the last forward, if any
-    float mean_loss;        // mean of losses after a forward with targets, else -1
+    float* logits_row;      // (Vp) one row of logits, for the sampler
+    float mean_loss;        // mean of the losses after a forward or backward with targets, else -1
 } GPT2;
 
 // Allocate everything for batches of up to B x T tokens; the parameters are left for
@@ -925,7 +943,7 @@ static void gpt2_alloc(GPT2* model, int B, int T) {
     point_activations(&model->acts, model->acts_memory, sizes);
     point_activations(&model->grads_acts, model->grads_acts_memory, grad_sizes);
     model->inputs = calloc_check((size_t)B * T, sizeof(int));
-    model->targets = calloc_check((size_t)B * T, sizeof(int));
+    model->logits_row = calloc_check(PADDED_VOCAB_SIZE, sizeof(float));
     model->B = B;
     model->T = T;
     model->mean_loss = -1.0f;
@@ -939,7 +957,7 @@ static void gpt2_free(GPT2* model) {
     free(model->acts_memory);
     free(model->grads_acts_memory);
     free(model->inputs);
-    free(model->targets);
+    free(model->logits_row);
 }
 
 // "2 threads", for the run summary.
@@ -957,15 +975,51 @@ static void gpt2_init_random(GPT2* model, uint64_t seed) {
     init_parameters(model->params_memory, seed);
 }
 
-// Forward pass over a batch of B sequences of T tokens (B, T at most the allocated
-// sizes). With targets, the losses and their mean are computed too.
+// The mean of the losses of the last B*T positions.
+static float mean_loss(const float* losses, size_t BT) {
+    double sum = 0.0;
+    for (size_t i = 0; i < BT; i++) { sum += losses[i]; }
+    return (float)(sum / BT);
+}
+
+// The classifier, tied to the token embedding (logits = lnf @ wte^T), and its cross-entropy at
+// each position, CLASSIFIER_ROWS positions at a time through the one logits block, so that
+// the B x T x Vp logits are never held at once.
+static void classifier_forward(float* losses, float* logits,       // (B*T), (CLASSIFIER_ROWS,Vp)
+                               const float* lnf, const float* wte, // (B*T,C), (Vp,C)
+                               const int* targets, size_t BT) {    // (B*T)
+    for (size_t n0 = 0; n0 < BT; n0 += CLASSIFIER_ROWS) {
+        int n = (int)(BT - n0 < CLASSIFIER_ROWS ? BT - n0 : CLASSIFIER_ROWS);
+        matmul_forward(logits, lnf + n0 * CHANNELS, wte, NULL, n, CHANNELS, PADDED_VOCAB_SIZE);
+        crossentropy_forward(losses + n0, logits, targets + n0, n, VOCAB_SIZE, PADDED_VOCAB_SIZE);
+    }
+}
+
+// Its backward, chunk by chunk as the forward: the chunk's logits again, their losses and their
+// gradient (in place), then the chunk's part of dlnf (written) and of dwte (added).
+static void classifier_backward(float* dlnf, float* dwte,           // (B*T,C), (Vp,C)
+                                float* losses, float* logits,       // (B*T), (CLASSIFIER_ROWS,Vp)
+                                const float* lnf, const float* wte, // (B*T,C), (Vp,C)
+                                const int* targets, float dloss, size_t BT) {
+    for (size_t n0 = 0; n0 < BT; n0 += CLASSIFIER_ROWS) {
+        int n = (int)(BT - n0 < CLASSIFIER_ROWS ? BT - n0 : CLASSIFIER_ROWS);
+        const float* lnf_chunk = lnf + n0 * CHANNELS;
+        matmul_forward(logits, lnf_chunk, wte, NULL, n, CHANNELS, PADDED_VOCAB_SIZE);
+        crossentropy_softmax_backward(logits, losses + n0, targets + n0, dloss, n, VOCAB_SIZE, PADDED_VOCAB_SIZE);
+        matmul_backward(dlnf + n0 * CHANNELS, dwte, NULL, logits, lnf_chunk, wte, n, CHANNELS, PADDED_VOCAB_SIZE);
+    }
+}
+
+// Forward pass over a batch of B sequences of T tokens (B, T at most the allocated sizes), up
+// to the final layernorm. With targets (validation) the classifier computes the losses and
+// their mean too; without (training, where the backward computes them, and sampling, which
+// asks for a row of logits with gpt2_logits_row) it is left out.
 static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int B, int T) {
     const int C = CHANNELS;
     const size_t BT = (size_t)B * T;
     ParameterTensors p = model->params;
     ActivationTensors a = model->acts;
     memcpy(model->inputs, inputs, BT * sizeof(int));
-    if (targets != NULL) { memcpy(model->targets, targets, BT * sizeof(int)); }
 
     encoder_forward(a.encoded, inputs, p.wte, p.wpe, B, T, C);
     const float* residual = a.encoded;  // the residual stream into layer l
@@ -985,22 +1039,20 @@ static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int
         residual = la.residual3;
     }
     layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p.lnfw, p.lnfb, BT, C);
-    matmul_forward(a.logits, a.lnf, p.wte, NULL, BT, C, PADDED_VOCAB_SIZE);  // tied classifier
-    softmax_forward(a.probs, a.logits, BT, VOCAB_SIZE, PADDED_VOCAB_SIZE);
-
     if (targets != NULL) {
-        crossentropy_forward(a.losses, a.probs, targets, BT, PADDED_VOCAB_SIZE);
-        double sum = 0.0;
-        for (size_t i = 0; i < BT; i++) { sum += a.losses[i]; }
-        model->mean_loss = (float)(sum / BT);
+        classifier_forward(a.losses, a.logits, a.lnf, p.wte, targets, BT);
+        model->mean_loss = mean_loss(a.losses, BT);
     } else {
         model->mean_loss = -1.0f;
     }
 }
 
-// Row n (b * T + t) of the last forward's logits: Vp floats.
+// Row n (b * T + t) of the last forward's logits (Vp floats in logits_row, valid until the
+// next call), one matrix-vector product: the sampler needs one row at a time.
 static const float* gpt2_logits_row(GPT2* model, int n) {
-    return model->acts.logits + (size_t)n * PADDED_VOCAB_SIZE;
+    matvec_forward(model->logits_row, model->acts.lnf + (size_t)n * CHANNELS, model->params.wte, NULL,
+                   CHANNELS, PADDED_VOCAB_SIZE);
+    return model->logits_row;
 }
 
 #ifdef TESTING
@@ -1018,21 +1070,20 @@ static void gpt2_zero_grad(GPT2* model) {
     memset(model->grads_memory, 0, NUM_PARAMETERS * sizeof(float));
 }
 
-// Backward pass of the last forward (which had targets), adding into the parameter gradients
-// (so micro-batches accumulate between two gpt2_zero_grad).
-// dloss is the derivative of the objective with respect to each position's loss:
-// 1/(B*T) for the mean loss, 1/(B*T*k) when k micro-batches are accumulated.
-// The probabilities of the forward are overwritten (by dlogits). Each call mirrors a call of
-// gpt2_forward, in reverse order: the gradients (d...) of its outputs in, of its inputs out.
-static void gpt2_backward(GPT2* model, float dloss, int B, int T) {
+// Backward pass of the last forward, for the next tokens `targets`, adding into the parameter
+// gradients (so micro-batches accumulate between two gpt2_zero_grad). It starts with the
+// classifier, which computes the losses (and their mean) on the way. dloss is the derivative
+// of the objective with respect to each position's loss: 1/(B*T) for the mean loss, 1/(B*T*k)
+// when k micro-batches are accumulated. Each call mirrors a call of gpt2_forward, in reverse
+// order: the gradients (d...) of its outputs in, of its inputs out.
+static void gpt2_backward(GPT2* model, const int* targets, float dloss, int B, int T) {
     const int C = CHANNELS;
     const size_t BT = (size_t)B * T;
     ParameterTensors p = model->params, g = model->grads;
     ActivationTensors a = model->acts, ga = model->grads_acts;
 
-    float* dlogits = a.probs;  // in place: the probabilities are not needed again
-    crossentropy_softmax_backward(dlogits, a.probs, model->targets, dloss, BT, VOCAB_SIZE, PADDED_VOCAB_SIZE);
-    matmul_backward(ga.lnf, g.wte, NULL, dlogits, a.lnf, p.wte, BT, C, PADDED_VOCAB_SIZE);
+    classifier_backward(ga.lnf, g.wte, a.losses, a.logits, a.lnf, p.wte, targets, dloss, BT);
+    model->mean_loss = mean_loss(a.losses, BT);
     float* dresidual = layer_acts(&ga, NUM_LAYERS - 1, B, T).residual3;  // the residual stream's gradient
     const float* residual = layer_acts(&a, NUM_LAYERS - 1, B, T).residual3;
     memset(dresidual, 0, BT * C * sizeof(float));  // layernorm adds into it
@@ -1629,7 +1680,8 @@ static void gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n, i
 
 // One optimizer step (t is 1-based): gradients accumulated over grad_accum micro-batches
 // (the first batch again and again when overfit), clipped to a global norm of grad_clip
-// (0: off), then AdamW. Returns the mean loss; the norm before clipping goes to *norm.
+// (0: off), then AdamW. Returns the mean loss (the backward computes it on the way); the norm
+// before clipping goes to *norm.
 static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int overfit, float lr,
                         float weight_decay, float grad_clip, int t, float* norm) {
     int B = loader->B, T = loader->T;
@@ -1638,8 +1690,8 @@ static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int ove
     for (int micro = 0; micro < grad_accum; micro++) {
         if (overfit) { dataloader_seek(loader, 0, 0); }
         dataloader_next_batch(loader);
-        gpt2_forward(model, loader->inputs, loader->targets, B, T);
-        gpt2_backward(model, 1.0f / ((float)B * T * grad_accum), B, T);
+        gpt2_forward(model, loader->inputs, NULL, B, T);
+        gpt2_backward(model, loader->targets, 1.0f / ((float)B * T * grad_accum), B, T);
         loss += model->mean_loss;
     }
     *norm = gpt2_grad_norm(model);

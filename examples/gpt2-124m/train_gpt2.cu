@@ -1366,7 +1366,7 @@ typedef struct {
     floatX* lnf;       // (B,T,C) final layernorm output
     float* lnf_mean;   // (B,T) final layernorm mean
     float* lnf_rstd;   // (B,T) final layernorm reciprocal standard deviation
-    floatX* logits;    // (B,T,Vp) classifier logits; after a forward with targets, their gradient
+    floatX* logits;    // (B,T,Vp) classifier logits; after the classifier's backward, their gradient
     float* losses;     // (B,T) cross-entropy loss at each position
 } ActivationTensors;
 
@@ -1516,7 +1516,7 @@ typedef struct {
     float* reduce_scratch; // partial column sums: reduce_chunks(B*T) x 4C floats
     double* norm_partial;  // (NORM_BLOCKS) the gradient norm's partial sums
     int* inputs_gpu;       // (B,T) token ids of the last forward
-    int* targets_gpu;      // (B,T) next tokens of the last forward, if any
+    int* targets_gpu;      // (B,T) the next tokens of the classifier's last losses
     TokenBuckets buckets;  // the positions of each token id, for the encoder's backward
     int B, T;              // the largest batch the buffers hold
     int* inputs;           // (B,T) host copy of the last forward's token ids
@@ -1624,10 +1624,22 @@ static void gpt2_init_random(GPT2* model, uint64_t seed) {
     free(values);
 }
 
+// The fused classifier on the logits of the last forward, for the next tokens `targets` (host):
+// the losses, and in place of the logits their gradient for the objective dloss * (sum of the
+// losses). Returns the mean loss.
+static float classifier_losses(GPT2* model, const int* targets, float dloss, size_t BT) {
+    cudaCheck(cudaMemcpy(model->targets_gpu, targets, BT * sizeof(int), cudaMemcpyHostToDevice));
+    fused_classifier(model->acts.logits, model->acts.losses, model->targets_gpu, dloss, BT, VOCAB_SIZE, PADDED_VOCAB_SIZE);
+    cudaCheck(cudaMemcpy(model->losses, model->acts.losses, BT * sizeof(float), cudaMemcpyDeviceToHost));
+    double sum = 0.0;
+    for (size_t i = 0; i < BT; i++) { sum += model->losses[i]; }
+    return (float)(sum / BT);
+}
+
 // Forward pass over a batch of B sequences of T tokens (host arrays; B, T at most the
-// allocated sizes). With targets, the fused classifier also computes the losses and their
-// mean, and leaves in acts.logits the gradient of each position's loss at its logits, which
-// gpt2_backward scales by its dloss. Without targets the logits stay (for sampling).
+// allocated sizes), to the logits. With targets (validation) the fused classifier computes
+// the losses and their mean too, overwriting the logits; without (training, where the backward
+// computes the losses, and sampling) the logits stay.
 static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int B, int T) {
     if (B > model->B || T > model->T) { die("forward on B=%d x T=%d, but the model holds at most %d x %d", B, T, model->B, model->T); }
     const int C = CHANNELS, NH = NUM_HEADS;
@@ -1636,7 +1648,6 @@ static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int
     ActivationTensors a = model->acts;
     memcpy(model->inputs, inputs, BT * sizeof(int));
     cudaCheck(cudaMemcpy(model->inputs_gpu, inputs, BT * sizeof(int), cudaMemcpyHostToDevice));
-    if (targets != NULL) { cudaCheck(cudaMemcpy(model->targets_gpu, targets, BT * sizeof(int), cudaMemcpyHostToDevice)); }
 
     encoder_forward(a.encoded, model->inputs_gpu, p.wte, p.wpe, B, T, C);
     const floatX* residual = a.encoded;  // the residual stream into layer l
@@ -1657,25 +1668,18 @@ static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int
     layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p.lnfw, p.lnfb, BT, C);
     matmul_forward(a.logits, NULL, a.lnf, p.wte, NULL, BT, C, PADDED_VOCAB_SIZE);  // tied classifier
 
-    if (targets != NULL) {
-        fused_classifier(a.logits, a.losses, model->targets_gpu, 1.0f, BT, VOCAB_SIZE, PADDED_VOCAB_SIZE);
-        cudaCheck(cudaMemcpy(model->losses, a.losses, BT * sizeof(float), cudaMemcpyDeviceToHost));
-        double sum = 0.0;
-        for (size_t i = 0; i < BT; i++) { sum += model->losses[i]; }
-        model->mean_loss = (float)(sum / BT);
-    } else {
-        model->mean_loss = -1.0f;
-    }
+    model->mean_loss = targets != NULL ? classifier_losses(model, targets, 1.0f, BT) : -1.0f;
 }
 
 static void gpt2_zero_grad(GPT2* model) {
     cudaCheck(cudaMemset(model->grads_memory, 0, NUM_PARAMETERS * sizeof(float)));
 }
 
-// Backward pass of the last forward (which had targets), adding into the gradients.
-// dloss is the derivative of the objective with respect to each position's loss:
-// 1/(B*T) for the mean loss, 1/(B*T*k) when k micro-batches are accumulated.
-static void gpt2_backward(GPT2* model, float dloss, int B, int T) {
+// Backward pass of the last forward (which had no targets), for the next tokens `targets`,
+// adding into the gradients. It starts with the fused classifier, which computes the losses
+// (and their mean) on the way. dloss is the derivative of the objective with respect to each
+// position's loss: 1/(B*T) for the mean loss, 1/(B*T*k) when k micro-batches are accumulated.
+static void gpt2_backward(GPT2* model, const int* targets, float dloss, int B, int T) {
     const int C = CHANNELS, NH = NUM_HEADS;
     const size_t BT = (size_t)B * T;
     ParameterTensors p = model->params;
@@ -1687,8 +1691,9 @@ static void gpt2_backward(GPT2* model, float dloss, int B, int T) {
     float* scratch = model->reduce_scratch;
     cudaCheck(cudaMemset(dresidual, 0, BT * C * sizeof(floatX)));
 
-    // the classifier: the logits hold the gradient of each position's loss; dloss scales it
-    matmul_backward(dscratch, g.wte, NULL, a.logits, a.lnf, p.wte, NULL, scratch, BT, C, PADDED_VOCAB_SIZE, dloss);
+    // the classifier: the logits become their gradient, then flow back through the tied wte
+    model->mean_loss = classifier_losses(model, targets, dloss, BT);
+    matmul_backward(dscratch, g.wte, NULL, a.logits, a.lnf, p.wte, NULL, scratch, BT, C, PADDED_VOCAB_SIZE, 1.0f);
     const floatX* residual = layer_acts(&a, NUM_LAYERS - 1, B, T).residual3;
     layernorm_backward(dresidual, g.lnfw, g.lnfb, dscratch, residual, p.lnfw, a.lnf_mean, a.lnf_rstd, scratch, BT, C);
 
@@ -2302,7 +2307,8 @@ static void gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n, i
 
 // One optimizer step (t is 1-based): gradients accumulated over grad_accum micro-batches
 // (the first batch again and again when overfit), clipped to a global norm of grad_clip
-// (0: off), then AdamW. Returns the mean loss; the norm before clipping goes to *norm.
+// (0: off), then AdamW. Returns the mean loss (the backward computes it on the way); the norm
+// before clipping goes to *norm.
 static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int overfit, float lr,
                         float weight_decay, float grad_clip, int t, float* norm) {
     int B = loader->B, T = loader->T;
@@ -2311,8 +2317,8 @@ static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int ove
     for (int micro = 0; micro < grad_accum; micro++) {
         if (overfit) { dataloader_seek(loader, 0, 0); }
         dataloader_next_batch(loader);
-        gpt2_forward(model, loader->inputs, loader->targets, B, T);
-        gpt2_backward(model, 1.0f / ((float)B * T * grad_accum), B, T);
+        gpt2_forward(model, loader->inputs, NULL, B, T);
+        gpt2_backward(model, loader->targets, 1.0f / ((float)B * T * grad_accum), B, T);
         loss += model->mean_loss;
     }
     *norm = gpt2_grad_norm(model);
