@@ -1,34 +1,50 @@
-"""`llmgen bench`: how fast the emitted trainer trains, against this machine's own peak.
+"""`llmgen bench`: how fast the emitted trainer trains, against this machine's own peak and,
+with --compare-torch, against PyTorch eager on the same threads.
 
 The trainer is emitted and built with the flags of its Makefile (the production build), then
 run for warm-up plus N steps on synthetic token shards; its own per-step timings are parsed
-from its output. In the same run, bench_gpt2 (emitted with the trainer, same flags) measures
-the machine's FMA peak and the trainer's matmul on a 2048^3 problem, for reference.
+from its output, and its peak memory (the largest resident set) is the operating system's
+account of the finished process. In the same run, bench_gpt2 (emitted with the trainer, same
+flags) says which instruction set the build uses and measures the machine's FMA peak for it,
+the trainer's matmul on a 2048^3 problem, and each of the model's matmuls at the run's B*T
+rows. With --compare-torch, the PyTorch model of llmgen.bench_torch runs the same steps, and
+the two alternate (llmgen, torch, llmgen, torch...) so that both see the same machine.
 
 FLOPs are counted from the spec (spec.flops_per_token), in the usual way for MFU: the matmuls and
 the attention, forward and backward; elementwise work (layernorm, GELU, softmax, residuals,
 AdamW) is not counted.
+
+Targets, printed with the figures: at least 1.2x PyTorch eager's tokens/s, and at least 75% MFU
+at B*T >= 1,024 tokens a step.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from . import trainer_output
 from .emit import emit, make
 from .errors import LlmgenError
 from .fileio import write_atomic, write_shard
-from . import trainer_output
 from .spec import Spec, flops_per_token
 from .synthetic import markov_tokens
 
 SGEMM_SIZE = 2048  # the square matmul the trainer's own matmul_forward is timed on
+TORCH_RATIO_TARGET = 1.2
+MFU_TARGET, MFU_TARGET_TOKENS = 0.75, 1024
+TORCH_HINT = 'PyTorch is not installed: pip install "llmgen[bench]" (or torch) to compare with it'
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
 
 def compile_command(build_dir: Path, target: str, cc: str = "gcc") -> str:
@@ -51,30 +67,36 @@ def _busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _run(args: list[str], cwd: Path, threads: int, what: str) -> tuple[str, float | None]:
-    """Run a program with OMP_NUM_THREADS. Returns its stdout and the share of the machine's
-    CPU time that other processes took meanwhile (None where that cannot be read): timings
-    taken on a busy machine are slower, and this says how busy it was."""
+def _run(args: list[str], cwd: Path, threads: int, what: str) -> tuple[str, float | None, int]:
+    """Run a program with OMP_NUM_THREADS. Returns its stdout, the share of the machine's CPU
+    time that other processes took meanwhile (None where that cannot be read: timings taken
+    on a busy machine are slower, and this says how busy it was), and its peak resident
+    memory in bytes."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy_before = _busy_cpu_seconds()
     t0 = time.perf_counter()
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     busy_after = _busy_cpu_seconds()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
-        raise LlmgenError(f"{what} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
-    ours = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        raise LlmgenError(f"{what} failed (exit {proc.returncode}):\n{stdout}{stderr}")
+    ours = usage.ru_utime + usage.ru_stime
     others = None
     if busy_before is not None and busy_after is not None and wall > 0:
         others = max(0.0, busy_after - busy_before - ours) / (wall * (os.cpu_count() or 1))
-    return result.stdout, others
+    return stdout, others, usage.ru_maxrss * 1024
 
 
-def _reference(exe: Path, args: list[str], threads: int) -> float:
-    out, _ = _run([str(exe.resolve()), *args], exe.parent, threads, f"{exe.name} {' '.join(args)}")
-    return float(out.split()[-1])
+def _reference(exe: Path, args: list[str], threads: int) -> list[str]:
+    """The fields of bench_gpt2's one line of output, after its name."""
+    out, _, _ = _run([str(exe.resolve()), *args], exe.parent, threads, f"{exe.name} {' '.join(args)}")
+    return out.split()[1:]
 
 
 def _cpu_name() -> str:
@@ -91,12 +113,22 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _torch_run(spec: Spec, B: int, T: int, threads: int, steps: int) -> tuple[list[float], int, str]:
+    args = [sys.executable, "-m", "llmgen.bench_torch", *map(str, (spec.n_layer, spec.n_head, spec.n_embd,
+            spec.padded_vocab_size, spec.max_seq_len, B, T, threads, steps))]
+    out, _, rss = _run(args, Path.cwd(), threads, "the PyTorch comparison (llmgen.bench_torch)")
+    r = json.loads(out.strip().splitlines()[-1])
+    return r["step_ms"], max(rss, r["peak_rss_bytes"]), r["torch"]
+
+
 def bench(spec: Spec, B: int, T: int, threads: int, steps: int, warmup: int,
-          build_dir: str | Path | None = None) -> dict:
+          build_dir: str | Path | None = None, compare_torch: bool = False, rounds: int = 1) -> dict:
     if B <= 0 or T <= 0 or T > spec.max_seq_len:
         raise LlmgenError(f"-b {B} -t {T}: need B >= 1 and 1 <= T <= max_seq_len {spec.max_seq_len}")
-    if steps <= 0 or warmup < 0 or threads <= 0:
-        raise LlmgenError("--steps and --threads must be positive and --warmup not negative")
+    if steps <= 0 or warmup < 0 or threads <= 0 or rounds <= 0:
+        raise LlmgenError("--steps, --threads and --rounds must be positive and --warmup not negative")
+    if compare_torch and not torch_available():
+        raise LlmgenError(TORCH_HINT)
     build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
     emit(spec, build_dir)
     exe = make(build_dir, "train_gpt2")
@@ -104,52 +136,81 @@ def bench(spec: Spec, B: int, T: int, threads: int, steps: int, warmup: int,
     flags = compile_command(build_dir, "train_gpt2")
 
     load_before = os.getloadavg()[0]
-    peak = _reference(ref_exe, ["peak"], threads)
-    sgemm = _reference(ref_exe, ["matmul", str(SGEMM_SIZE)], threads)
+    isa = _reference(ref_exe, ["isa"], threads)
+    peak = float(_reference(ref_exe, ["peak"], threads)[0])
+    sgemm = float(_reference(ref_exe, ["matmul", str(SGEMM_SIZE)], threads)[0])
+    fields = _reference(ref_exe, ["products", str(B * T)], threads)
+    products = {fields[i]: {"forward": float(fields[i + 1]), "backward": float(fields[i + 2])}
+                for i in range(0, len(fields), 3)}
 
     total_steps = warmup + steps
+    ms, losses, rss, torch_ms, torch_rss, torch_version, others = [], [], 0, [], 0, None, []
     with tempfile.TemporaryDirectory(prefix="llmgen-bench-") as tmp:
         tokens, _, _ = markov_tokens(spec.vocab_size, total_steps * B * T + 1, 1, seed=0)
         write_shard(Path(tmp) / "train_000000.bin", tokens)
         args = [str(exe.resolve()), "-i", str(Path(tmp) / "train_*.bin"), "-b", str(B), "-t", str(T),
                 "-x", str(total_steps), "-v", "0", "-s", "0"]
-        out, others = _run(args, Path(tmp), threads, f"{exe}")
-    timed = {n: (s.loss, s.ms) for n, s in trainer_output.steps(out).items()}
-    if sorted(timed) != list(range(1, total_steps + 1)):
-        raise LlmgenError(f"{exe}: expected {total_steps} step lines in its output, got:\n{out}")
-    ms = [timed[s][1] for s in range(warmup + 1, total_steps + 1)]
+        for _ in range(rounds):  # llmgen, then torch, in turn
+            out, other, run_rss = _run(args, Path(tmp), threads, f"{exe}")
+            timed = {n: (st.loss, st.ms) for n, st in trainer_output.steps(out).items()}
+            if sorted(timed) != list(range(1, total_steps + 1)):
+                raise LlmgenError(f"{exe}: expected {total_steps} step lines in its output, got:\n{out}")
+            ms += [timed[st][1] for st in range(warmup + 1, total_steps + 1)]
+            losses = [timed[st][0] for st in range(1, total_steps + 1)]
+            rss = max(rss, run_rss)
+            others.append(other)
+            if compare_torch:
+                t_ms, t_rss, torch_version = _torch_run(spec, B, T, threads, total_steps)
+                torch_ms += t_ms[warmup:]
+                torch_rss = max(torch_rss, t_rss)
     tokens_per_step = B * T
     flops = flops_per_token(spec, T)
     step = _stats(ms)
     tok_s = {"median": tokens_per_step / (step["median"] / 1e3), "min": tokens_per_step / (step["max"] / 1e3),
              "max": tokens_per_step / (step["min"] / 1e3)}
     achieved = flops["total"] * tok_s["median"] / 1e9
-    return {
-        "spec": spec.name, "B": B, "T": T, "threads": threads, "steps": steps, "warmup": warmup,
+    result = {
+        "spec": spec.name, "B": B, "T": T, "threads": threads, "steps": steps, "warmup": warmup, "rounds": rounds,
         "compile": flags,
+        "isa": {"name": isa[0], "vector_floats": int(isa[1]), "registers": int(isa[2]), "peak_chains": int(isa[3]),
+                "tile": [int(isa[4]), int(isa[5])]},
         "cpu": _cpu_name(), "cpus": os.cpu_count(), "load_average_before": load_before,
-        "other_load": others,
+        "other_load": None if None in others else max(others),
         "step_ms": step, "tokens_per_s": tok_s, "step_ms_all": ms,
-        "losses": [timed[s][0] for s in range(1, total_steps + 1)],
+        "losses": losses, "peak_rss_bytes": rss,
         "flops_per_token": flops, "gflop_per_step": flops["total"] * tokens_per_step / 1e9,
         "achieved_gflops": achieved,
         "peak_gflops": peak, "peak_kind": "FMA peak: vector fused multiply-adds on registers (bench_gpt2 peak)",
-        "sgemm_gflops": sgemm, "sgemm_size": SGEMM_SIZE,
+        "sgemm_gflops": sgemm, "sgemm_size": SGEMM_SIZE, "products_gflops": products,
         "mfu": achieved / peak,
+        "mfu_target": MFU_TARGET if B * T >= MFU_TARGET_TOKENS else None,
     }
+    if compare_torch:
+        t_step = _stats(torch_ms)
+        result["torch"] = {"version": torch_version, "step_ms": t_step, "step_ms_all": torch_ms,
+                           "tokens_per_s": tokens_per_step / (t_step["median"] / 1e3), "peak_rss_bytes": torch_rss,
+                           "speedup": t_step["median"] / step["median"], "speedup_target": TORCH_RATIO_TARGET}
+    return result
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
 
 
 def format_report(r: dict) -> str:
-    s, t, f = r["step_ms"], r["tokens_per_s"], r["flops_per_token"]
-    return "\n".join([
+    s, t, f, isa = r["step_ms"], r["tokens_per_s"], r["flops_per_token"], r["isa"]
+    lines = [
         f"llmgen bench {r['spec']}: B={r['B']}, T={r['T']}, {r['threads']} threads, "
-        f"{r['steps']} steps after {r['warmup']} warm-up",
+        f"{r['steps']} steps after {r['warmup']} warm-up" + (f", {r['rounds']} rounds" if r["rounds"] > 1 else ""),
         f"build:     {r['compile']}",
+        f"isa:       {isa['name']} ({isa['vector_floats']} floats a vector, {isa['registers']} vector registers): "
+        f"gemm tile {isa['tile'][0]} x {isa['tile'][1]}, peak kernel {isa['peak_chains']} chains",
         f"machine:   {r['cpus']} CPUs ({r['cpu']}), load average {r['load_average_before']:.2f} before; "
         + ("other processes' load not known" if r["other_load"] is None else
            f"other processes used {100 * r['other_load']:.0f}% of the CPU time during the run"),
         f"step:      median {s['median']:,.1f} ms (min {s['min']:,.1f}, max {s['max']:,.1f})",
         f"tokens/s:  median {t['median']:,.1f} (min {t['min']:,.1f}, max {t['max']:,.1f})",
+        f"memory:    peak {r['peak_rss_bytes'] / 1e9:,.2f} GB resident",
         f"FLOPs:     {f['total'] / 1e6:,.1f} M per token (matmuls {f['matmul'] / 1e6:,.1f} M = 6 x weights, "
         f"attention {f['attention'] / 1e6:,.1f} M = 6LC(T+1)); {r['gflop_per_step']:,.1f} GFLOP per step",
         f"achieved:  {r['achieved_gflops']:,.1f} GFLOP/s",
@@ -157,8 +218,24 @@ def format_report(r: dict) -> str:
         f"{r['threads']} threads)",
         f"sgemm:     {r['sgemm_gflops']:,.1f} GFLOP/s, the trainer's matmul_forward on "
         f"{r['sgemm_size']}x{r['sgemm_size']}x{r['sgemm_size']} ({100 * r['sgemm_gflops'] / r['peak_gflops']:.0f}% of peak)",
-        f"MFU:       {100 * r['mfu']:.1f}% of the FMA peak",
-    ])
+        "matmuls:   GFLOP/s forward / backward at B*T = " + f"{r['B'] * r['T']:,} rows: " + ", ".join(
+            f"{name} {p['forward']:,.0f} / {p['backward']:,.0f}" for name, p in r["products_gflops"].items()),
+    ]
+    mfu = f"MFU:       {100 * r['mfu']:.1f}% of the FMA peak"
+    if r["mfu_target"] is not None:
+        mfu += f" (target at least {100 * r['mfu_target']:.0f}% at B*T >= {MFU_TARGET_TOKENS:,}: " \
+               f"{_met(r['mfu'] >= r['mfu_target'])})"
+    lines.append(mfu)
+    if "torch" in r:
+        tr = r["torch"]
+        lines += [
+            f"torch:     PyTorch {tr['version']} eager, same model and threads: median {tr['step_ms']['median']:,.1f} ms "
+            f"(min {tr['step_ms']['min']:,.1f}, max {tr['step_ms']['max']:,.1f}), {tr['tokens_per_s']:,.1f} tokens/s, "
+            f"peak {tr['peak_rss_bytes'] / 1e9:,.2f} GB resident",
+            f"vs torch:  {tr['speedup']:.2f}x its speed (target at least {tr['speedup_target']}x: "
+            f"{_met(tr['speedup'] >= tr['speedup_target'])}); {r['peak_rss_bytes'] / tr['peak_rss_bytes']:.2f}x its memory",
+        ]
+    return "\n".join(lines)
 
 
 def write_json(path: str | Path, result: dict) -> None:

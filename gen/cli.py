@@ -339,15 +339,24 @@ def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target,
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="where to write the figures  "
               "[default: BUILD_DIR/bench.json]")
 @click.option("--build-dir", type=click.Path(file_okay=False), help="where to build  [default: build/bench-SPEC]")
-def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir):
-    """Time the emitted trainer (production build) against this machine's FMA peak."""
-    from .bench import bench as run_bench, format_report, write_json
+@click.option("--compare-torch", is_flag=True,
+              help='also train the same model in PyTorch eager on the same threads, in turn with the trainer, '
+                   'and print the ratio (needs torch: pip install "llmgen[bench]")')
+@click.option("--rounds", type=POSITIVE, default=1, show_default=True,
+              help="runs of the trainer (and of torch, in turn) whose steps are pooled")
+def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir, compare_torch, rounds):
+    """Time the emitted trainer (production build) against this machine's FMA peak and, with
+    --compare-torch, against PyTorch eager; print the figures and whether the targets are met."""
+    from .bench import TORCH_HINT, bench as run_bench, format_report, torch_available, write_json
     build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
     result = run_bench(spec, B=batch, T=seq_len or min(spec.max_seq_len, 64), threads=threads or os.cpu_count(),
-                       steps=steps, warmup=warmup, build_dir=build_dir)
+                       steps=steps, warmup=warmup, build_dir=build_dir, compare_torch=compare_torch, rounds=rounds)
     json_path = Path(json_path or build_dir / "bench.json")
     write_json(json_path, result)
     click.echo(format_report(result))
+    if not compare_torch:
+        click.echo("torch:     " + ("add --compare-torch to time PyTorch eager beside it" if torch_available()
+                                    else TORCH_HINT))
     click.echo(f"wrote {json_path}")
 
 

@@ -94,21 +94,38 @@ def _act(a: Act, floatx: str = "float") -> dict:
 
 
 def gemm_sizes(spec: Spec) -> dict:
-    """Tile and block sizes of the emitted gemm (see layers/matmul.c.j2).
+    """Tile and block sizes of the emitted gemm (see layers/matmul.c.j2), one register tile per
+    instruction set, chosen by the preprocessor when the file is compiled.
 
-    Register tiles (rows x columns of C): with AVX-512, 8 x 32 fills 16 of the 32 vector
-    registers (16 floats each) with sums, leaving room for the broadcasts of A and the
-    loads of B; with AVX2's 16 registers of 8 floats, 4 x 24 takes 12 of them. KC keeps the
+    A tile of MR x NR sums takes MR * NR / (floats per vector) registers; the loads of B take
+    NR / (floats per vector) more and the broadcast of A one. With AVX-512's 32 registers of
+    16 floats, 12 x 32 takes 24 + 2 + 1 = 27; with AVX2's 16 registers of 8 floats, 6 x 16 takes
+    12 + 2 + 1 = 15; SSE's 16 registers of 4 floats, 6 x 8 the same. Each step of k then does
+    MR * NR / (floats per vector) FMAs for MR + NR / (floats per vector) loads (24 for 14, 12
+    for 8). Measured on a 2-core AMD EPYC (Zen 4), 1024^3 on one thread: AVX-512 12 x 32 about
+    89 GFLOP/s (8 x 32: 88, 16 x 16: 94, 14 x 32: 86, 6 x 64: 83); AVX2 6 x 16 about 83 (the
+    old 4 x 24: 57, 5 x 16: 75, 3 x 32: 56). KC keeps the
     whole K of every forward matmul (up to the MLP's 4C) in one block, so that the forward's
     transposed tiles are stored once; only the classifier's dinp (K = Vp) and dweight with
     many rows take several blocks. A packed block of B is at most 4 MiB, to stay in the L2
     and L3 caches.
     """
-    avx512, avx2 = (8, 32), (4, 24)
     kc = 4 * spec.n_embd
-    pack = max(1 << 20, kc * avx512[1])
-    return {"avx512": avx512, "avx2": avx2, "kc": kc, "pack": pack,
-            "kc_doc": "4C, the longest K of a forward", "pack_doc": f"{pack * 4 / 2**20:g} MiB"}
+    pack = max(1 << 20, kc * 32)
+
+    def tile(mr, nr, vec, regs):
+        return {"mr": mr, "nr": nr, "doc": f"{mr} x {nr} sums in {mr * nr // vec} of {regs}"}
+    return {"avx512": tile(12, 32, 16, 32), "avx2": tile(6, 16, 8, 16), "sse": tile(6, 8, 4, 16),
+            "kc": kc, "pack": pack, "kc_doc": "4C, the longest K of a forward", "pack_doc": f"{pack * 4 / 2**20:g} MiB"}
+
+
+def attention_sizes(spec: Spec) -> dict:
+    """Blocks of the C trainer's flash attention (layers/attention.c.j2): 48 queries and 96 keys,
+    whole numbers of the gemm's register tiles on every instruction set (MR 12 or 6, NR 32, 16
+    or 8), so that the products of the blocks have few partial tiles."""
+    bq, bk, hs = 48, 96, spec.head_size
+    return {"bq": bq, "bk": bk, "max_n": max(bk, hs), "max_k": max(bq, bk, hs),
+            "bq_doc": "4 register tiles of 12 rows, 8 of 6", "bk_doc": "3 tiles of 32 columns, 6 of 16; 8 or 16 rows"}
 
 
 def _common_context(spec: Spec, program: str) -> dict:
@@ -146,6 +163,7 @@ def c_context(spec: Spec) -> dict:
         "layer_acts": [a for a in acts if a["per_layer"]],
         "layers": LAYERS,
         "gemm": gemm_sizes(spec),
+        "attention": attention_sizes(spec),
         "model_version": 3,
         "default_T": min(64, spec.max_seq_len),
         "classifier_rows": spec.classifier_rows,

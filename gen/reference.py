@@ -130,6 +130,15 @@ def attention_forward(qkv, NH):
     return out, preatt, att
 
 
+def attention_lse(preatt, T):
+    """The flash attention's statistic: lse[t] = log(sum over t2 <= t of exp(preatt[t,t2])),
+    per query (..., T), from the scores of attention_forward (their masked entries ignored)."""
+    causal = np.tril(np.ones((T, T), dtype=bool))
+    masked = np.where(causal, preatt, preatt.dtype.type(-np.inf))
+    m = masked.max(axis=-1)
+    return m + np.log(np.exp(masked - m[..., None]).sum(axis=-1))
+
+
 def attention_backward(dout, qkv, att, NH):
     """Chain rule through out = att @ v, att = softmax(preatt), preatt = q k^T * scale:
         datt = dout v^T,  dv = att^T dout
@@ -259,13 +268,14 @@ def forward(spec, params, tokens, targets=None):
     encoded = encoder_forward(p["wte"], p["wpe"], tokens)
     cache["encoded"] = encoded
     per_layer = {name: [] for name in (
-        "ln1", "ln1_mean", "ln1_rstd", "qkv", "atty", "preatt", "att", "attproj", "residual2",
+        "ln1", "ln1_mean", "ln1_rstd", "qkv", "atty", "preatt", "att", "att_lse", "attproj", "residual2",
         "ln2", "ln2_mean", "ln2_rstd", "fch", "fch_gelu", "fcproj", "residual3")}
     residual = encoded
     for l in range(L):
         ln1, ln1_mean, ln1_rstd = layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l])
         qkv = matmul_forward(ln1, p["qkvw"][l], p["qkvb"][l])
         atty, preatt, att = attention_forward(qkv, NH)
+        att_lse = attention_lse(preatt, tokens.shape[1])
         attproj = matmul_forward(atty, p["attprojw"][l], p["attprojb"][l])
         residual2 = residual_forward(residual, attproj)
         ln2, ln2_mean, ln2_rstd = layernorm_forward(residual2, p["ln2w"][l], p["ln2b"][l])
@@ -274,7 +284,7 @@ def forward(spec, params, tokens, targets=None):
         fcproj = matmul_forward(fch_gelu, p["fcprojw"][l], p["fcprojb"][l])
         residual3 = residual_forward(residual2, fcproj)
         for name, value in (("ln1", ln1), ("ln1_mean", ln1_mean), ("ln1_rstd", ln1_rstd),
-                            ("qkv", qkv), ("atty", atty), ("preatt", preatt), ("att", att),
+                            ("qkv", qkv), ("atty", atty), ("preatt", preatt), ("att", att), ("att_lse", att_lse),
                             ("attproj", attproj), ("residual2", residual2), ("ln2", ln2),
                             ("ln2_mean", ln2_mean), ("ln2_rstd", ln2_rstd), ("fch", fch),
                             ("fch_gelu", fch_gelu), ("fcproj", fcproj), ("residual3", residual3)):

@@ -117,17 +117,15 @@ _C_ACTS = (
     Act("ln1_rstd", ("L", "B", "T"), "layernorm 1 reciprocal standard deviation", grad=False, fp32=True),
     Act("qkv", ("L", "B", "T", "3C"), "q, k, v for every position"),
     Act("atty", ("L", "B", "T", "C"), "attention output, heads concatenated"),
-    Act("preatt", ("L", "B", "NH", "T", "T"), "attention scores before softmax"),
-    Act("att", ("L", "B", "NH", "T", "T"), "attention weights after softmax"),
-    Act("attproj", ("L", "B", "T", "C"), "attention output projection"),
-    Act("residual2", ("L", "B", "T", "C"), "residual stream after attention"),
+    Act("att_lse", ("L", "B", "NH", "T"), "attention softmax statistic: log of the sum of exp(scores) per query",
+        grad=False, fp32=True),
+    Act("residual2", ("L", "B", "T", "C"), "residual stream after attention (the projection added in place)"),
     Act("ln2", ("L", "B", "T", "C"), "layernorm 2 output"),
     Act("ln2_mean", ("L", "B", "T"), "layernorm 2 mean", grad=False, fp32=True),
     Act("ln2_rstd", ("L", "B", "T"), "layernorm 2 reciprocal standard deviation", grad=False, fp32=True),
     Act("fch", ("L", "B", "T", "4C"), "MLP hidden pre-activation"),
     Act("fch_gelu", ("L", "B", "T", "4C"), "MLP hidden after GELU"),
-    Act("fcproj", ("L", "B", "T", "C"), "MLP output projection"),
-    Act("residual3", ("L", "B", "T", "C"), "residual stream after the MLP"),
+    Act("residual3", ("L", "B", "T", "C"), "residual stream after the MLP (the projection added in place)"),
     Act("lnf", ("B", "T", "C"), "final layernorm output"),
     Act("lnf_mean", ("B", "T"), "final layernorm mean", grad=False, fp32=True),
     Act("lnf_rstd", ("B", "T"), "final layernorm reciprocal standard deviation", grad=False, fp32=True),
@@ -138,21 +136,23 @@ _C_ACTS = (
 
 
 def _cuda_acts() -> tuple[Act, ...]:
-    """The CUDA trainer keeps the C trainer's activations with two changes: its flash
-    attention never stores the T x T matrices (preatt, att) but recomputes them in the
-    backward pass from q, k and one softmax statistic per query (att_lse), and it keeps the
-    logits of every position, which its fused classifier turns into their gradient in place."""
+    """The CUDA trainer keeps the C trainer's activations with two changes: it stores the
+    output projections of the attention and the MLP (attproj, fcproj) before adding them to
+    the residual stream, and it keeps the logits of every position, which its fused classifier
+    turns into their gradient in place."""
     out = []
     for a in _C_ACTS:
-        if a.name in ("preatt", "att"):
-            continue
         if a.name == "logits":
             a = Act("logits", ("B", "T", "Vp"), "classifier logits; after the classifier's backward, their gradient",
                     grad=False)
+        if a.name == "att_lse":
+            a = Act("att_lse", a.shape, a.doc, fp32=True)
+        if a.name in ("residual2", "residual3"):
+            out.append(Act("attproj" if a.name == "residual2" else "fcproj", ("L", "B", "T", "C"),
+                           "attention output projection" if a.name == "residual2" else "MLP output projection"))
+            a = Act(a.name, a.shape, "residual stream after attention" if a.name == "residual2"
+                    else "residual stream after the MLP")
         out.append(a)
-        if a.name == "atty":
-            out.append(Act("att_lse", ("L", "B", "NH", "T"),
-                           "attention softmax statistic: log of the sum of exp(scores) per query", fp32=True))
     return tuple(out)
 
 

@@ -1,9 +1,13 @@
 """llmgen bench: it builds, runs and reports sane figures (the speed itself is not tested)."""
 
 import json
+import subprocess
+
+import pytest
 
 from llmgen import spec as specs
 from llmgen.bench import flops_per_token
+from llmgen.emit import emit
 
 from conftest import llmgen
 
@@ -28,7 +32,12 @@ def test_bench_reports_sane_fields(tmp_path):
     assert abs(r["mfu"] - r["achieved_gflops"] / r["peak_gflops"]) < 1e-12
     assert "-march=native" in r["compile"] and "train_gpt2.c" in r["compile"]
     assert r["other_load"] is None or 0 <= r["other_load"] <= 1
-    for field in ["step:", "tokens/s:", "achieved:", "peak:", "MFU:", "build:"]:
+    assert r["isa"]["name"] in ("AVX-512", "AVX2", "SSE") and r["isa"]["tile"][0] > 0
+    assert set(r["products_gflops"]) == {"qkv", "attproj", "fc", "fcproj", "classifier"}
+    assert all(p["forward"] > 0 and p["backward"] > 0 for p in r["products_gflops"].values())
+    assert r["peak_rss_bytes"] > 10e6 and r["mfu_target"] is None  # B*T = 32 < 1024: no MFU target
+    for field in ["step:", "tokens/s:", "achieved:", "peak:", "MFU:", "build:", "isa:", "memory:", "matmuls:",
+                  "torch:"]:
         assert field in result.stdout
     assert f"wrote {out}" in result.stdout
 
@@ -44,3 +53,25 @@ def test_bench_refuses_bad_sizes(tmp_path):
     assert bad.returncode == 1 and "max_seq_len 32" in bad.stderr and "Traceback" not in bad.stderr
     bad = llmgen("bench", "--spec", "test-tiny", "--steps", 0, "--build-dir", tmp_path)
     assert bad.returncode == 2 and "--steps" in bad.stderr
+
+
+@pytest.mark.parametrize("isa", [[], ["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-avx"]],
+                         ids=["native", "avx2", "sse"])
+def test_peak_is_at_least_the_trainers_own_sgemm(tmp_path, isa):
+    """The FMA peak kernel fits the registers of the instruction set it is built for, so no
+    code (the trainer's gemm included) can beat it: MFU stays below 100%."""
+    emit(specs.load("test-tiny"), tmp_path)
+    cmd = ["gcc", "-Ofast", "-march=native", *isa, "-fopenmp", "-w", "bench_gpt2.c", "-lm", "-o", "bench_gpt2"]
+    assert subprocess.run(cmd, cwd=tmp_path).returncode == 0
+    env = {"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+
+    def run(*args):
+        out = subprocess.run(["./bench_gpt2", *args], cwd=tmp_path, capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+    name = run("isa")[1]
+    assert name == {0: "AVX-512", 1: "AVX2", 4: "SSE"}[len(isa)] or (not isa and name in ("AVX2", "SSE"))
+    peaks = [float(run("peak")[1])]
+    sgemm = float(run("matmul", "1024")[1])
+    peaks.append(float(run("peak")[1]))  # twice, around the gemm: a busy moment does not decide it
+    assert max(peaks) >= sgemm > 0, (peaks, sgemm)

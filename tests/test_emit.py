@@ -78,3 +78,14 @@ def test_every_preset_renders():
     for name in specs.preset_names():
         files = render(specs.load(name))
         assert set(files) == {"train_gpt2.c", "test_gpt2.c", "bench_gpt2.c", "Makefile"}
+
+
+def test_every_template_is_package_data():
+    """A template folder missing from pyproject's package-data works in a checkout but not
+    after pip install (as CI installs)."""
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["llmgen"]
+    folders = {str(p.parent.relative_to(root / "gen")) for p in (root / "gen" / "templates").rglob("*.j2")}
+    assert folders <= {pat.rsplit("/", 1)[0] for pat in patterns if pat.endswith("*.j2")}, folders

@@ -71,9 +71,11 @@ int main(void) {
 """
 
 
-@pytest.mark.parametrize("isa", [[], ["-mno-avx512f"]], ids=["native", "no-avx512"])
+@pytest.mark.parametrize("isa", [[], ["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-avx"]],
+                         ids=["native", "avx2", "sse"])
 def test_gemm_layouts_edges_blocks_and_threads(tmp_path, isa):
-    """Without AVX-512 the gemm takes its AVX2 tile sizes (checked here for correctness only)."""
+    """Without AVX-512 the gemm takes its AVX2 tile sizes, without AVX2 its SSE ones (checked here for
+    correctness only)."""
     emit(specs.load("test-tiny"), tmp_path)
     (tmp_path / "gemm_check.c").write_text(HARNESS)
     build = subprocess.run(["gcc", "-Ofast", "-march=native", *isa, "-fopenmp", "-Wall", "-Wno-unused-function",

@@ -2,28 +2,43 @@
 //
 // Speed reference for train_gpt2.c, run by `llmgen bench`: it includes the trainer with
 // TESTING defined (so without its main), built with the same flags, and measures
-//   ./bench_gpt2 peak        the FMA peak of this machine: GFLOP/s of vector fused
-//                            multiply-adds on registers alone, on all OpenMP threads;
-//   ./bench_gpt2 matmul N    the trainer's own matmul_forward on an N x N x N problem.
-// Each prints one line, `name GFLOP/s`, the best of 3 runs.
+//   ./bench_gpt2 isa             the instruction set the build uses, its vectors and tiles;
+//   ./bench_gpt2 peak            the FMA peak of this machine: GFLOP/s of vector fused
+//                                multiply-adds on registers alone, on all OpenMP threads;
+//   ./bench_gpt2 matmul N        the trainer's own matmul_forward on an N x N x N problem;
+//   ./bench_gpt2 products N      GFLOP/s of each of the model's matmuls (forward, dinp and
+//                                dweight) on N rows, as the trainer calls them;
+//   ./bench_gpt2 bandwidth MB    GB/s of reading a buffer of MB megabytes (all threads).
+// Each prints its figures on one line, the best of 3 runs.
 #define TESTING
 #include "train_gpt2.c"
 
-// Each thread updates PEAK_CHAINS independent vectors of 16 floats, acc = acc * x + y,
-// reps times (a gcc vector type, so that the compiler keeps exactly this shape whatever
-// the flags). Nothing touches memory and the chains are enough to hide the FMA latency,
-// so this is the rate of the multiply-add units themselves. The starting values come from
+#if defined(__AVX512F__)
+#define ISA_NAME "AVX-512"
+#define ISA_REGISTERS 32
+#elif defined(__AVX2__)
+#define ISA_NAME "AVX2"
+#define ISA_REGISTERS 16
+#else
+#define ISA_NAME "SSE"
+#define ISA_REGISTERS 16
+#endif
+// Chains of vector multiply-adds in flight: enough to hide the FMA's latency (4 cycles on 2
+// units: 8 at least), few enough to stay in the registers with x and y (16 of 32, 12 of 16).
+#define PEAK_CHAINS (ISA_REGISTERS == 32 ? 16 : 12)
+
+// Each thread updates PEAK_CHAINS independent vectors (the trainer's vecf, VEC_FLOATS floats),
+// acc = acc * x + y, reps times. Nothing touches memory and the chains hide the latency, so
+// this is the rate of the multiply-add units themselves. The starting values come from
 // volatiles, so that the compiler cannot fold them in.
-#define PEAK_CHAINS 16
-typedef float vec16 __attribute__((vector_size(64)));
 static volatile float peak_x = 0.999f, peak_y = 1e-3f;
 static double fma_peak_gflops(long reps, int threads) {
     float sink = 0.0f;
     double t0 = now_seconds();
     #pragma omp parallel reduction(+:sink)
     {
-        vec16 acc[PEAK_CHAINS], x, y;
-        for (int l = 0; l < 16; l++) {
+        vecf acc[PEAK_CHAINS], x, y;
+        for (int l = 0; l < VEC_FLOATS; l++) {
             x[l] = peak_x + 1e-6f * l;
             y[l] = peak_y * l;
             for (int c = 0; c < PEAK_CHAINS; c++) { acc[c][l] = peak_y * c; }
@@ -33,33 +48,83 @@ static double fma_peak_gflops(long reps, int threads) {
             for (int c = 0; c < PEAK_CHAINS; c++) { acc[c] = acc[c] * x + y; }
         }
         for (int c = 0; c < PEAK_CHAINS; c++) {
-            for (int l = 0; l < 16; l++) { sink += acc[c][l]; }
+            for (int l = 0; l < VEC_FLOATS; l++) { sink += acc[c][l]; }
         }
     }
     double seconds = now_seconds() - t0;
     if (sink == 12345.0f) { printf("(unlikely sum)\n"); }  // keeps the result alive
-    return 2.0 * reps * PEAK_CHAINS * 16 * threads / seconds / 1e9;
+    return 2.0 * reps * PEAK_CHAINS * VEC_FLOATS * threads / seconds / 1e9;
 }
 
-static double matmul_gflops(int n) {
-    size_t nn = (size_t)n * n;
-    float* inp = malloc_check(nn * sizeof(float));
-    float* weight = malloc_check(nn * sizeof(float));
-    float* out = malloc_check(nn * sizeof(float));
-    uint64_t rng = 1;
-    for (size_t i = 0; i < nn; i++) { inp[i] = random_f32(&rng) - 0.5f; weight[i] = random_f32(&rng) - 0.5f; }
-    matmul_forward(out, inp, weight, NULL, n, n, n);  // the first touch of out
+static float* random_buffer(size_t n, uint64_t* rng) {
+    float* x = malloc_check(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) { x[i] = random_f32(rng) - 0.5f; }
+    return x;
+}
+
+// The best of 3 runs of f(args) at flops each, in GFLOP/s (after one untimed run).
+static double best_gflops(void (*f)(void*), void* args, double flops) {
+    f(args);
     double best = 0.0;
     for (int run = 0; run < 3; run++) {
         double t0 = now_seconds();
-        matmul_forward(out, inp, weight, NULL, n, n, n);
-        double gflops = 2.0 * nn * n / (now_seconds() - t0) / 1e9;
+        f(args);
+        double gflops = flops / (now_seconds() - t0) / 1e9;
         if (gflops > best) { best = gflops; }
     }
-    free(inp);
-    free(weight);
-    free(out);
     return best;
+}
+
+// One matmul of the model, on N rows: out = inp @ weight^T + bias, and its backward.
+typedef struct {
+    float *inp, *weight, *bias, *out, *dout, *dinp, *dweight, *dbias;
+    int N, IC, OC;
+} Product;
+
+static void run_forward(void* p) {
+    Product* m = p;
+    matmul_forward(m->out, m->inp, m->weight, m->bias, m->N, m->IC, m->OC);
+}
+
+static void run_backward(void* p) {
+    Product* m = p;
+    matmul_backward(m->dinp, m->dweight, m->dbias, m->dout, m->inp, m->weight, m->N, m->IC, m->OC);
+}
+
+static void product_gflops(const char* name, int N, int IC, int OC, uint64_t* rng) {
+    Product m = {random_buffer((size_t)N * IC, rng), random_buffer((size_t)OC * IC, rng), random_buffer(OC, rng),
+                 random_buffer((size_t)N * OC, rng), random_buffer((size_t)N * OC, rng),
+                 random_buffer((size_t)N * IC, rng), random_buffer((size_t)OC * IC, rng), random_buffer(OC, rng), N, IC, OC};
+    double flops = 2.0 * N * IC * OC;
+    double forward = best_gflops(run_forward, &m, flops);
+    double backward = best_gflops(run_backward, &m, 2.0 * flops);
+    printf(" %s %.2f %.2f", name, forward, backward);
+    float* buffers[] = {m.inp, m.weight, m.bias, m.out, m.dout, m.dinp, m.dweight, m.dbias};
+    for (int i = 0; i < 8; i++) { free(buffers[i]); }
+}
+
+static double bandwidth_gbs(size_t megabytes) {
+    size_t n = megabytes * 1000000 / sizeof(float);
+    float* x = malloc_check(n * sizeof(float));
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) { x[i] = 1e-9f * (float)(i % 1000); }
+    double best = 0.0, sink = 0.0;
+    for (int run = 0; run < 4; run++) {
+        double t0 = now_seconds(), sum = 0.0;
+        #pragma omp parallel for reduction(+:sum)
+        for (size_t i = 0; i < n; i++) { sum += x[i]; }
+        double gbs = n * sizeof(float) / (now_seconds() - t0) / 1e9;
+        sink += sum;
+        if (run > 0 && gbs > best) { best = gbs; }  // the first run warms up
+    }
+    free(x);
+    if (sink == 12345.0) { printf("(unlikely sum)\n"); }
+    return best;
+}
+
+static void usage(void) {
+    fprintf(stderr, "usage: ./bench_gpt2 isa | peak | matmul N | products N | bandwidth MB\n");
+    exit(1);
 }
 
 int main(int argc, char** argv) {
@@ -67,7 +132,10 @@ int main(int argc, char** argv) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    if (argc == 2 && strcmp(argv[1], "peak") == 0) {
+    if (argc < 2) { usage(); }
+    if (argc == 2 && strcmp(argv[1], "isa") == 0) {
+        printf("isa %s %d %d %d %d %d\n", ISA_NAME, VEC_FLOATS, ISA_REGISTERS, PEAK_CHAINS, MATMUL_MR, MATMUL_NR);
+    } else if (argc == 2 && strcmp(argv[1], "peak") == 0) {
         long reps = 1000;
         while (1) {  // grow the run until it takes a quarter of a second
             double t0 = now_seconds();
@@ -82,10 +150,28 @@ int main(int argc, char** argv) {
         }
         printf("peak %.2f\n", best);
     } else if (argc == 3 && strcmp(argv[1], "matmul") == 0 && atoi(argv[2]) > 0) {
-        printf("matmul %.2f\n", matmul_gflops(atoi(argv[2])));
+        int n = atoi(argv[2]);
+        uint64_t rng = 1;
+        Product m = {random_buffer((size_t)n * n, &rng), random_buffer((size_t)n * n, &rng), NULL,
+                     random_buffer((size_t)n * n, &rng), NULL, NULL, NULL, NULL, n, n, n};
+        printf("matmul %.2f\n", best_gflops(run_forward, &m, 2.0 * n * n * n));
+        free(m.inp);
+        free(m.weight);
+        free(m.out);
+    } else if (argc == 3 && strcmp(argv[1], "products") == 0 && atoi(argv[2]) > 0) {
+        int n = atoi(argv[2]), C = CHANNELS;
+        uint64_t rng = 1;
+        printf("products");  // name forward-GFLOP/s backward-GFLOP/s, for each
+        product_gflops("qkv", n, C, 3 * C, &rng);
+        product_gflops("attproj", n, C, C, &rng);
+        product_gflops("fc", n, C, 4 * C, &rng);
+        product_gflops("fcproj", n, 4 * C, C, &rng);
+        product_gflops("classifier", n < CLASSIFIER_ROWS ? n : CLASSIFIER_ROWS, C, PADDED_VOCAB_SIZE, &rng);
+        printf("\n");
+    } else if (argc == 3 && strcmp(argv[1], "bandwidth") == 0 && atoi(argv[2]) > 0) {
+        printf("bandwidth %.2f\n", bandwidth_gbs((size_t)atoi(argv[2])));
     } else {
-        fprintf(stderr, "usage: %s peak | matmul N\n", argv[0]);
-        return 1;
+        usage();
     }
     return 0;
 }

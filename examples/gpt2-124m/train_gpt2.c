@@ -241,45 +241,73 @@ static void layernorm_backward(float* dinp, float* dweight, float* dbias, // (N,
 // - Threads share the row blocks of C. Every element of C is summed by one thread in the
 //   same order whatever the number of threads, so results do not depend on it.
 
-// MATMUL_MR rows of C per register tile (a panel of A), MATMUL_NR columns (a panel of B):
-#ifdef __AVX512F__  // 32 vector registers of 16 floats; the tile takes 16
-#define MATMUL_MR 8
+// The register tile and the vectors it is made of, for the instruction set this file is
+// compiled for (chosen by the preprocessor; the generator picked the tiles):
+#if defined(__AVX512F__)  // 32 registers of 16 floats: 12 x 32 sums in 24 of 32
+#define VEC_FLOATS 16
+#define MATMUL_MR 12
 #define MATMUL_NR 32
-#else               // AVX2: 16 vector registers of 8 floats; the tile takes 12
-#define MATMUL_MR 4
-#define MATMUL_NR 24
+#elif defined(__AVX2__)   // 16 registers of 8 floats: 6 x 16 sums in 12 of 16
+#define VEC_FLOATS 8
+#define MATMUL_MR 6
+#define MATMUL_NR 16
+#else                     // SSE: 16 registers of 4 floats: 6 x 8 sums in 12 of 16
+#define VEC_FLOATS 4
+#define MATMUL_MR 6
+#define MATMUL_NR 8
 #endif
-#define MATMUL_KC 3072                 // rows of B packed at once: 4C, the longest K of a forward
-#define MATMUL_PACK 1048576            // floats of packed B: 4 MiB
-static float matmul_pack[MATMUL_PACK]; // B, packed by gemm (one gemm runs at a time)
+#define MATMUL_NV (MATMUL_NR / VEC_FLOATS) // vectors in a row of the tile
+#define MATMUL_KC 3072                     // rows of B packed at once: 4C, the longest K of a forward
+#define MATMUL_PACK 1048576                // floats of packed B: 4 MiB
+// A vector of VEC_FLOATS floats (gcc's vector extension): arithmetic on it is one instruction
+// per vector, and a float in an expression with it stands for that float in every lane.
+typedef float vecf __attribute__((vector_size(4 * VEC_FLOATS)));
+static float matmul_pack[MATMUL_PACK];  // B, packed by gemm (one gemm runs at a time)
+
+static inline vecf vec_load(const float* p) {  // any alignment
+    vecf v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline void vec_store(float* p, vecf v) {
+    memcpy(p, &v, sizeof(v));
+}
 
 // One MR x NR tile: acc[m][j] = sum over k < kc of a_panel[k][m] * b_panel[k][j], then
-// C = acc + bias (or C += acc when accumulating), for the rows x cols inside C, stored
-// along C's unit stride.
+// C = acc + bias (or C += acc + bias when accumulating), for the rows x cols inside C. The sums stay
+// in MR x NV vector registers while k runs: each step loads NV vectors of B and multiplies
+// each by one float of A for every row (a vector FMA each).
 static inline void gemm_tile(float* c, long c_m, long c_n,               // C(m,j) = c[m*c_m + j*c_n]
                              const float* a_panel, const float* b_panel, // (kc,MR), (kc,NR)
                              const float* bias,                          // (rows) or NULL
                              int kc, int rows, int cols, int accumulate) {
-    float acc[MATMUL_MR][MATMUL_NR] = {{0}};
+    vecf acc[MATMUL_MR][MATMUL_NV];
+    for (int m = 0; m < MATMUL_MR; m++) {
+        for (int v = 0; v < MATMUL_NV; v++) { acc[m][v] = (vecf){0}; }
+    }
     for (int k = 0; k < kc; k++) {
         const float* a = a_panel + (size_t)k * MATMUL_MR;
-        const float* b = b_panel + (size_t)k * MATMUL_NR;
+        vecf b[MATMUL_NV];
+        for (int v = 0; v < MATMUL_NV; v++) { b[v] = vec_load(b_panel + (size_t)k * MATMUL_NR + v * VEC_FLOATS); }
         for (int m = 0; m < MATMUL_MR; m++) {
-            for (int j = 0; j < MATMUL_NR; j++) { acc[m][j] += a[m] * b[j]; }
+            for (int v = 0; v < MATMUL_NV; v++) { acc[m][v] += a[m] * b[v]; }
         }
     }
-    if (c_n == 1) {  // C row-major: along j
+    if (c_n == 1 && cols == MATMUL_NR) {  // C row-major, a whole tile wide: vector by vector
         for (int m = 0; m < rows; m++) {
-            for (int j = 0; j < cols; j++) {
-                float* c_mj = c + m * c_m + j;
-                *c_mj = accumulate ? *c_mj + acc[m][j] : acc[m][j] + (bias != NULL ? bias[m] : 0.0f);
+            float add = bias != NULL ? bias[m] : 0.0f;
+            for (int v = 0; v < MATMUL_NV; v++) {
+                float* c_mv = c + m * c_m + v * VEC_FLOATS;
+                vec_store(c_mv, accumulate ? vec_load(c_mv) + (acc[m][v] + add) : acc[m][v] + add);
             }
         }
-    } else {         // C transposed (the forward's out^T): along m
+    } else {                              // the edges, and C transposed (the forward's out^T)
         for (int j = 0; j < cols; j++) {
             for (int m = 0; m < rows; m++) {
                 float* c_mj = c + m * c_m + j * c_n;
-                *c_mj = accumulate ? *c_mj + acc[m][j] : acc[m][j] + (bias != NULL ? bias[m] : 0.0f);
+                float sum = acc[m][j / VEC_FLOATS][j % VEC_FLOATS] + (bias != NULL ? bias[m] : 0.0f);
+                *c_mj = accumulate ? *c_mj + sum : sum;
             }
         }
     }
@@ -305,7 +333,7 @@ static inline void gemm_pack(float* panel, int width, const float* x, long x_i, 
     }
 }
 
-// C (+)= A @ B (+ bias per row of C, when not accumulating); see the top of this section.
+// C (+)= A @ B (+ bias per row of C); see the top of this section.
 static void gemm(float* c, long c_m, long c_n,       // C (M,N)
                  const float* a, long a_m, long a_k, // A (M,K)
                  const float* b, long b_k, long b_n, // B (K,N)
@@ -313,9 +341,15 @@ static void gemm(float* c, long c_m, long c_n,       // C (M,N)
                  int M, int N, int K, int accumulate) {
     const int KC = K < MATMUL_KC ? K : MATMUL_KC;
     const int NC = MATMUL_PACK / KC / MATMUL_NR * MATMUL_NR;  // columns of B per packed block
+    const int m_blocks = (M + MATMUL_MR - 1) / MATMUL_MR;
     #pragma omp parallel
     {
-        float a_panel[MATMUL_KC * MATMUL_MR];  // this thread's MR rows of A
+        int threads = 1;
+#ifdef _OPENMP
+        threads = omp_get_num_threads();
+#endif
+        const int split_rows = m_blocks >= 2 * threads; // else too few rows of C to go round
+        float a_panel[MATMUL_KC * MATMUL_MR];           // MR rows of A, packed by this thread
         for (int n0 = 0; n0 < N; n0 += NC) {
             int n_cols = N - n0 < NC ? N - n0 : NC;
             int panels = (n_cols + MATMUL_NR - 1) / MATMUL_NR;
@@ -329,19 +363,48 @@ static void gemm(float* c, long c_m, long c_n,       // C (M,N)
                               b + (size_t)k0 * b_k + (size_t)(n0 + p * MATMUL_NR) * b_n, b_n, b_k, cols, kc);
                 }
                 // (the end of an omp for waits for all threads: the block is packed)
+                // The threads share the work by rows of tiles (each packs its rows of A once),
+                // or, with few rows, by columns of tiles (each packs every row of A).
                 #pragma omp for schedule(static)
-                for (int m0 = 0; m0 < M; m0 += MATMUL_MR) {
-                    int rows = M - m0 < MATMUL_MR ? M - m0 : MATMUL_MR;
-                    gemm_pack(a_panel, MATMUL_MR, a + m0 * a_m + (size_t)k0 * a_k, a_m, a_k, rows, kc);
-                    for (int p = 0; p < panels; p++) {
-                        int cols = n_cols - p * MATMUL_NR < MATMUL_NR ? n_cols - p * MATMUL_NR : MATMUL_NR;
-                        gemm_tile(c + m0 * c_m + (size_t)(n0 + p * MATMUL_NR) * c_n, c_m, c_n,
-                                  a_panel, matmul_pack + (size_t)p * kc * MATMUL_NR,
-                                  bias != NULL ? bias + m0 : NULL, kc, rows, cols, accumulate || k0 > 0);
+                for (int w = 0; w < (split_rows ? m_blocks : panels); w++) {
+                    int m_first = split_rows ? w : 0, m_last = split_rows ? w + 1 : m_blocks;
+                    int p_first = split_rows ? 0 : w, p_last = split_rows ? panels : w + 1;
+                    for (int mb = m_first; mb < m_last; mb++) {
+                        int m0 = mb * MATMUL_MR, rows = M - m0 < MATMUL_MR ? M - m0 : MATMUL_MR;
+                        gemm_pack(a_panel, MATMUL_MR, a + m0 * a_m + (size_t)k0 * a_k, a_m, a_k, rows, kc);
+                        for (int p = p_first; p < p_last; p++) {
+                            int cols = n_cols - p * MATMUL_NR < MATMUL_NR ? n_cols - p * MATMUL_NR : MATMUL_NR;
+                            gemm_tile(c + m0 * c_m + (size_t)(n0 + p * MATMUL_NR) * c_n, c_m, c_n,
+                                      a_panel, matmul_pack + (size_t)p * kc * MATMUL_NR,
+                                      bias != NULL && k0 == 0 ? bias + m0 : NULL, kc, rows, cols, accumulate || k0 > 0);
+                        }
                     }
                 }
                 // (and waits again before the next block overwrites the packed one)
             }
+        }
+    }
+}
+
+// C (+)= A @ B on the calling thread alone (the small products inside a parallel region:
+// the attention's), with the same register tiles as gemm. K is at most MATMUL_KC; a_pack
+// holds MATMUL_MR * K floats and b_pack ((N + MATMUL_NR - 1) / MATMUL_NR) * MATMUL_NR * K.
+static void gemm_serial(float* c, long c_m, long c_n,       // C (M,N)
+                        const float* a, long a_m, long a_k, // A (M,K)
+                        const float* b, long b_k, long b_n, // B (K,N)
+                        int M, int N, int K, int accumulate, float* a_pack, float* b_pack) {
+    int panels = (N + MATMUL_NR - 1) / MATMUL_NR;
+    for (int p = 0; p < panels; p++) {
+        int cols = N - p * MATMUL_NR < MATMUL_NR ? N - p * MATMUL_NR : MATMUL_NR;
+        gemm_pack(b_pack + (size_t)p * K * MATMUL_NR, MATMUL_NR, b + (size_t)p * MATMUL_NR * b_n, b_n, b_k, cols, K);
+    }
+    for (int m0 = 0; m0 < M; m0 += MATMUL_MR) {
+        int rows = M - m0 < MATMUL_MR ? M - m0 : MATMUL_MR;
+        gemm_pack(a_pack, MATMUL_MR, a + m0 * a_m, a_m, a_k, rows, K);
+        for (int p = 0; p < panels; p++) {
+            int cols = N - p * MATMUL_NR < MATMUL_NR ? N - p * MATMUL_NR : MATMUL_NR;
+            gemm_tile(c + m0 * c_m + (size_t)p * MATMUL_NR * c_n, c_m, c_n, a_pack, b_pack + (size_t)p * K * MATMUL_NR,
+                      NULL, K, rows, cols, accumulate);
         }
     }
 }
@@ -354,6 +417,16 @@ static void matmul_forward(float* out,                             // (N,OC)
     // out^T (OC,N) = weight (OC,IC) @ inp^T (IC,N), + bias per row:  M = OC, N = N, K = IC
     gemm(out, /*c_m=*/1, /*c_n=*/OC, weight, /*a_m=*/IC, /*a_k=*/1, inp, /*b_k=*/1, /*b_n=*/IC, bias,
          /*M=*/OC, /*N=*/N, /*K=*/IC, /*accumulate=*/0);
+}
+
+// The same, added to what out holds: out[n,o] += bias[o] + sum_i inp[n,i] * weight[o,i] (the
+// projections into the residual stream add themselves onto it).
+static void matmul_forward_add(float* out,                             // (N,OC)
+                               const float* inp,                       // (N,IC)
+                               const float* weight, const float* bias, // (OC,IC), (OC)
+                               int N, int IC, int OC) {
+    gemm(out, /*c_m=*/1, /*c_n=*/OC, weight, /*a_m=*/IC, /*a_k=*/1, inp, /*b_k=*/1, /*b_n=*/IC, bias,
+         /*M=*/OC, /*N=*/N, /*K=*/IC, /*accumulate=*/1);
 }
 
 // The same for one row (a matrix-vector product): out[o] = bias[o] + weight[o,:] . inp,
@@ -399,104 +472,171 @@ static void matmul_backward(float* dinp, float* dweight, float* dbias, // (N,IC)
     }
 }
 
-// Causal multi-head self-attention. qkv holds q, k and v side by side for every
-// position; head h uses channels [h*HS, (h+1)*HS) of each. For each head:
-//   preatt[t,t2] = q[t] . k[t2] / sqrt(HS)   for t2 <= t (the future is masked)
-//   att[t,:]     = softmax(preatt[t,:])
-//   out[t]       = sum over t2 of att[t,t2] * v[t2]
-static void attention_forward(float* out, float* preatt, float* att, // (B,T,C), (B,NH,T,T), (B,NH,T,T)
-                              const float* qkv,                      // (B,T,3C)
+// Causal multi-head self-attention, flash style: the T x T matrices of scores and weights are
+// never stored. qkv holds q, k and v side by side for every position; head h uses channels
+// [h*HS, (h+1)*HS) of each. For each head:
+//   s[t,t2] = q[t] . k[t2] / sqrt(HS)   for t2 <= t (the future is masked)
+//   p[t,:]  = softmax(s[t,:]),          out[t] = sum over t2 of p[t,t2] v[t2]
+// The forward keeps one number per query, lse[t] = log(sum over t2 of exp(s[t,t2])), from which
+// the backward recomputes p[t,t2] = exp(s[t,t2] - lse[t]). Queries go ATT_BQ at a time and keys
+// ATT_BK at a time, and the products of those blocks (q k^T, p v and the backward's four) are
+// small matrix products through the matmul's register tiles (gemm_serial).
+#define ATT_BQ 48 // queries per block: 4 register tiles of 12 rows, 8 of 6
+#define ATT_BK 96 // keys per block: 3 tiles of 32 columns, 6 of 16; 8 or 16 rows
+// The products' largest N (columns of C) and K: their packed operands, a panel of A and
+// every panel of B, fit in ATT_PACK_A and ATT_PACK_B floats.
+#define ATT_MAX_N 96 // max(ATT_BK, HEAD_SIZE)
+#define ATT_MAX_K 96 // max(ATT_BQ, ATT_BK, HEAD_SIZE)
+#define ATT_PACK_A ((size_t)MATMUL_MR * ATT_MAX_K)
+#define ATT_PACK_B ((size_t)(ATT_MAX_N + MATMUL_NR) * ATT_MAX_K)
+
+// Forward, one block of ATT_BQ queries of one head at a time (in parallel). With m and l the
+// running maximum and sum of exp(s - m) of a query's row, each block of keys raises m to m' and
+// rescales what was summed so far by exp(m - m') (the online softmax):
+//   l = l exp(m - m') + sum over the block of exp(s - m'),  o = o exp(m - m') + exp(s - m') @ v
+// and at the end out = o / l, lse = m + log(l).
+static void attention_forward(float* out, float* lse, // (B,T,C), (B,NH,T)
+                              const float* qkv,       // (B,T,3C)
                               int B, int T, int C, int NH) {
-    int HS = C / NH;
-    float scale = 1.0f / sqrtf((float)HS);
-    #pragma omp parallel for collapse(3)
-    for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
+    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    const int q_blocks = (T + ATT_BQ - 1) / ATT_BQ;
+    #pragma omp parallel
+    {
+        float* s = malloc_check((size_t)ATT_BQ * ATT_BK * sizeof(float));    // scores, then p
+        float* o = malloc_check((size_t)ATT_BQ * HEAD_SIZE * sizeof(float)); // the unnormalised output
+        float* a_pack = malloc_check(ATT_PACK_A * sizeof(float));
+        float* b_pack = malloc_check(ATT_PACK_B * sizeof(float));
+        float m[ATT_BQ], l[ATT_BQ];
+        #pragma omp for collapse(3) schedule(dynamic)
+        for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
-                const float* q = qkv + ((size_t)b * T + t) * 3 * C + h * HS;
-                float* pre = preatt + (((size_t)b * NH + h) * T + t) * T;
-                float* a = att + (((size_t)b * NH + h) * T + t) * T;
-                // scores, and their maximum for a stable softmax
-                float maxval = -FLT_MAX;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * HS;
-                    float dot = 0.0f;
-                    for (int i = 0; i < HS; i++) { dot += q[i] * k[i]; }
-                    pre[t2] = dot * scale;
-                    if (pre[t2] > maxval) { maxval = pre[t2]; }
-                }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    a[t2] = expf(pre[t2] - maxval);
-                    sum += a[t2];
-                }
-                for (int t2 = 0; t2 < T; t2++) {
-                    if (t2 <= t) { a[t2] /= sum; } else { a[t2] = 0.0f; pre[t2] = 0.0f; }
-                }
-                // weighted sum of the values
-                float* y = out + ((size_t)b * T + t) * C + h * HS;
-                for (int i = 0; i < HS; i++) { y[i] = 0.0f; }
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * HS;
-                    for (int i = 0; i < HS; i++) { y[i] += a[t2] * v[i]; }
+                for (int qb = 0; qb < q_blocks; qb++) {
+                    const float* q = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;  // row t at q + t * 3C
+                    const float* k = q + C, * v = q + 2 * C;
+                    int q0 = qb * ATT_BQ, nq = T - q0 < ATT_BQ ? T - q0 : ATT_BQ;
+                    for (int r = 0; r < nq; r++) { m[r] = -FLT_MAX; l[r] = 0.0f; }
+                    memset(o, 0, (size_t)ATT_BQ * HEAD_SIZE * sizeof(float));
+                    for (int k0 = 0; k0 < q0 + nq; k0 += ATT_BK) {  // the keys up to the block's last query
+                        int nk = q0 + nq - k0 < ATT_BK ? q0 + nq - k0 : ATT_BK;
+                        // s (nq,nk) = q[q0:] @ k[k0:]^T
+                        gemm_serial(s, ATT_BK, 1, q + (size_t)q0 * 3 * C, 3 * C, 1, k + (size_t)k0 * 3 * C, 1, 3 * C,
+                                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
+                        for (int r = 0; r < nq; r++) {
+                            float* row = s + (size_t)r * ATT_BK;
+                            int visible = q0 + r - k0 + 1 < nk ? q0 + r - k0 + 1 : nk;  // keys t2 <= t
+                            float m_new = m[r];
+                            for (int j = 0; j < visible; j++) { row[j] *= scale; m_new = row[j] > m_new ? row[j] : m_new; }
+                            float sum = 0.0f;
+                            for (int j = 0; j < visible; j++) { row[j] = expf(row[j] - m_new); sum += row[j]; }
+                            for (int j = visible < 0 ? 0 : visible; j < nk; j++) { row[j] = 0.0f; }
+                            float rescale = expf(m[r] - m_new);
+                            l[r] = l[r] * rescale + sum;
+                            m[r] = m_new;
+                            for (int i = 0; i < HEAD_SIZE; i++) { o[(size_t)r * HEAD_SIZE + i] *= rescale; }
+                        }
+                        // o (nq,HS) += p (nq,nk) @ v[k0:]
+                        gemm_serial(o, HEAD_SIZE, 1, s, ATT_BK, 1, v + (size_t)k0 * 3 * C, 3 * C, 1,
+                                    nq, HEAD_SIZE, nk, 1, a_pack, b_pack);
+                    }
+                    for (int r = 0; r < nq; r++) {
+                        float* y = out + ((size_t)b * T + q0 + r) * C + h * HEAD_SIZE;
+                        for (int i = 0; i < HEAD_SIZE; i++) { y[i] = o[(size_t)r * HEAD_SIZE + i] / l[r]; }
+                        lse[((size_t)b * NH + h) * T + q0 + r] = m[r] + logf(l[r]);
+                    }
                 }
             }
         }
+        free(s);
+        free(o);
+        free(a_pack);
+        free(b_pack);
     }
 }
 
-// Backward, head by head (heads write disjoint channels, so they run in parallel). A head's
-// channels of dqkv are zeroed first, then collect over t:
-//   datt[t,t2]    = dout[t] . v[t2]              dv[t2] += att[t,t2] * dout[t]
-//   dpreatt[t,t2] = att[t,t2] * (datt[t,t2] - sum over t3 of att[t,t3] * datt[t,t3])
-//                   (the softmax's Jacobian applied to datt)
-//   dq[t] += dpreatt[t,t2] * k[t2] / sqrt(HS)    dk[t2] += dpreatt[t,t2] * q[t] / sqrt(HS)
-static void attention_backward(float* dqkv, float* dpreatt, float* datt, // (B,T,3C), (B,NH,T,T), (B,NH,T,T)
-                               const float* dout,                        // (B,T,C)
-                               const float* qkv, const float* att,       // (B,T,3C), (B,NH,T,T)
+// Backward, one head at a time (in parallel: heads write disjoint channels of dqkv). With
+// delta[t] = dout[t] . out[t], for each block of keys and each block of queries that sees it:
+//   p = exp(s - lse)                    (the forward's weights, recomputed)
+//   dv += p^T @ dout                    dp = dout @ v^T
+//   ds = p * (dp - delta) / sqrt(HS)    (the softmax's Jacobian applied to dp; delta[t] is
+//                                        sum over t2 of p[t,t2] dp[t,t2])
+//   dq += ds @ k                        dk += ds^T @ q
+// dk and dv of a key block are summed over its query blocks before they are written; dq adds
+// up over the key blocks in place.
+static void attention_backward(float* dqkv,                        // (B,T,3C)
+                               const float* dout,                  // (B,T,C)
+                               const float* qkv, const float* out, // (B,T,3C), (B,T,C)
+                               const float* lse,                   // (B,NH,T)
                                int B, int T, int C, int NH) {
-    int HS = C / NH;
-    float scale = 1.0f / sqrtf((float)HS);
-    #pragma omp parallel for collapse(2)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                float* dqkv_t = dqkv + ((size_t)b * T + t) * 3 * C + h * HS;
-                for (int i = 0; i < HS; i++) { dqkv_t[i] = 0.0f; dqkv_t[C + i] = 0.0f; dqkv_t[2 * C + i] = 0.0f; }
-            }
-            for (int t = 0; t < T; t++) {
-                const float* a = att + (((size_t)b * NH + h) * T + t) * T;
-                float* da = datt + (((size_t)b * NH + h) * T + t) * T;
-                float* dpre = dpreatt + (((size_t)b * NH + h) * T + t) * T;
-                const float* dy = dout + ((size_t)b * T + t) * C + h * HS;
-                const float* q = qkv + ((size_t)b * T + t) * 3 * C + h * HS;
-                float* dq = dqkv + ((size_t)b * T + t) * 3 * C + h * HS;
-                // through the weighted sum of values
-                float att_dot_datt = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * HS;
-                    float* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * HS;
+    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    #pragma omp parallel
+    {
+        float* p = malloc_check((size_t)ATT_BQ * ATT_BK * sizeof(float));   // p, then ds
+        float* dp = malloc_check((size_t)ATT_BQ * ATT_BK * sizeof(float));
+        float* dk = malloc_check((size_t)ATT_BK * HEAD_SIZE * sizeof(float));
+        float* dv = malloc_check((size_t)ATT_BK * HEAD_SIZE * sizeof(float));
+        float* delta = malloc_check((size_t)T * sizeof(float));
+        float* a_pack = malloc_check(ATT_PACK_A * sizeof(float));
+        float* b_pack = malloc_check(ATT_PACK_B * sizeof(float));
+        #pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                const float* q = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;  // row t at q + t * 3C
+                const float* k = q + C, * v = q + 2 * C;
+                const float* dy = dout + (size_t)b * T * C + h * HEAD_SIZE; // row t at dy + t * C
+                float* dq = dqkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;   // the same layout as q
+                const float* lse_bh = lse + ((size_t)b * NH + h) * T;
+                for (int t = 0; t < T; t++) {
+                    const float* y = out + ((size_t)b * T + t) * C + h * HEAD_SIZE;
                     float d = 0.0f;
-                    for (int i = 0; i < HS; i++) {
-                        d += v[i] * dy[i];
-                        dv[i] += a[t2] * dy[i];
-                    }
-                    da[t2] = d;
-                    att_dot_datt += a[t2] * da[t2];
+                    for (int i = 0; i < HEAD_SIZE; i++) { d += dy[(size_t)t * C + i] * y[i]; }
+                    delta[t] = d;
+                    memset(dq + (size_t)t * 3 * C, 0, HEAD_SIZE * sizeof(float));
                 }
-                // through the softmax, then the scaled dot products
-                for (int t2 = 0; t2 <= t; t2++) {
-                    dpre[t2] = a[t2] * (da[t2] - att_dot_datt);
-                    const float* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * HS;
-                    float* dk = dqkv + ((size_t)b * T + t2) * 3 * C + C + h * HS;
-                    float g = dpre[t2] * scale;
-                    for (int i = 0; i < HS; i++) {
-                        dq[i] += g * k[i];
-                        dk[i] += g * q[i];
+                for (int k0 = 0; k0 < T; k0 += ATT_BK) {
+                    int nk = T - k0 < ATT_BK ? T - k0 : ATT_BK;
+                    memset(dk, 0, (size_t)ATT_BK * HEAD_SIZE * sizeof(float));
+                    memset(dv, 0, (size_t)ATT_BK * HEAD_SIZE * sizeof(float));
+                    for (int q0 = k0 / ATT_BQ * ATT_BQ; q0 < T; q0 += ATT_BQ) {  // the queries that see these keys
+                        int nq = T - q0 < ATT_BQ ? T - q0 : ATT_BQ;
+                        // p (nq,nk) = exp(q[q0:] @ k[k0:]^T / sqrt(HS) - lse), 0 where masked
+                        gemm_serial(p, ATT_BK, 1, q + (size_t)q0 * 3 * C, 3 * C, 1, k + (size_t)k0 * 3 * C, 1, 3 * C,
+                                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
+                        for (int r = 0; r < nq; r++) {
+                            float* row = p + (size_t)r * ATT_BK;
+                            int visible = q0 + r - k0 + 1 < nk ? q0 + r - k0 + 1 : nk;
+                            for (int j = 0; j < visible; j++) { row[j] = expf(row[j] * scale - lse_bh[q0 + r]); }
+                            for (int j = visible < 0 ? 0 : visible; j < nk; j++) { row[j] = 0.0f; }
+                        }
+                        // dv (nk,HS) += p^T @ dout[q0:];  dp (nq,nk) = dout[q0:] @ v[k0:]^T
+                        gemm_serial(dv, HEAD_SIZE, 1, p, 1, ATT_BK, dy + (size_t)q0 * C, C, 1,
+                                    nk, HEAD_SIZE, nq, 1, a_pack, b_pack);
+                        gemm_serial(dp, ATT_BK, 1, dy + (size_t)q0 * C, C, 1, v + (size_t)k0 * 3 * C, 1, 3 * C,
+                                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
+                        for (int r = 0; r < nq; r++) {  // ds, in place of p
+                            float* row = p + (size_t)r * ATT_BK;
+                            const float* dp_row = dp + (size_t)r * ATT_BK;
+                            for (int j = 0; j < nk; j++) { row[j] = row[j] * (dp_row[j] - delta[q0 + r]) * scale; }
+                        }
+                        // dq[q0:] (nq,HS) += ds @ k[k0:];  dk (nk,HS) += ds^T @ q[q0:]
+                        gemm_serial(dq + (size_t)q0 * 3 * C, 3 * C, 1, p, ATT_BK, 1, k + (size_t)k0 * 3 * C, 3 * C, 1,
+                                    nq, HEAD_SIZE, nk, 1, a_pack, b_pack);
+                        gemm_serial(dk, HEAD_SIZE, 1, p, 1, ATT_BK, q + (size_t)q0 * 3 * C, 3 * C, 1,
+                                    nk, HEAD_SIZE, nq, 1, a_pack, b_pack);
+                    }
+                    for (int j = 0; j < nk; j++) {
+                        memcpy(dq + (size_t)(k0 + j) * 3 * C + C, dk + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
+                        memcpy(dq + (size_t)(k0 + j) * 3 * C + 2 * C, dv + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
                     }
                 }
             }
         }
+        free(p);
+        free(dp);
+        free(dk);
+        free(dv);
+        free(delta);
+        free(a_pack);
+        free(b_pack);
     }
 }
 
@@ -525,18 +665,17 @@ static void gelu_backward(float* dinp, const float* inp, const float* dout, size
     }
 }
 
-// Residual connection: out = inp1 + inp2; the gradient flows to both unchanged (copied).
-static void residual_forward(float* out, const float* inp1, const float* inp2, size_t N) { // (N), (N), (N)
-    #pragma omp parallel for
-    for (size_t i = 0; i < N; i++) { out[i] = inp1[i] + inp2[i]; }
+// Residual connection: out = inp1 + inp2, where inp2 is a projection (the attention's or the
+// MLP's): the stream is copied, and the projection's matmul adds itself onto the copy
+// (matmul_forward_add), so that the projection is never stored on its own.
+static void residual_forward(float* out, const float* inp1, size_t N) { // (N), (N)
+    memcpy(out, inp1, N * sizeof(float));
 }
 
-static void residual_backward(float* dinp1, float* dinp2, const float* dout, size_t N) { // (N), (N), (N)
-    #pragma omp parallel for
-    for (size_t i = 0; i < N; i++) {
-        dinp1[i] = dout[i];
-        dinp2[i] = dout[i];
-    }
+// The gradient flows to both inputs unchanged: the stream's is a copy, the projection's is
+// dout itself (its matmul's backward reads it there).
+static void residual_backward(float* dinp1, const float* dout, size_t N) { // (N), (N)
+    memcpy(dinp1, dout, N * sizeof(float));
 }
 
 // Softmax and cross-entropy over the real vocabulary V of each position's logits (the padded
@@ -763,7 +902,7 @@ static size_t classifier_rows(int B, int T) {
     return (size_t)B * T < CLASSIFIER_ROWS ? (size_t)B * T : CLASSIFIER_ROWS;
 }
 
-#define NUM_ACTIVATION_TENSORS 22
+#define NUM_ACTIVATION_TENSORS 19
 typedef struct {
     float* encoded;   // (B,T,C) token + position embedding
     float* ln1;       // (L,B,T,C) layernorm 1 output
@@ -771,17 +910,14 @@ typedef struct {
     float* ln1_rstd;  // (L,B,T) layernorm 1 reciprocal standard deviation
     float* qkv;       // (L,B,T,3C) q, k, v for every position
     float* atty;      // (L,B,T,C) attention output, heads concatenated
-    float* preatt;    // (L,B,NH,T,T) attention scores before softmax
-    float* att;       // (L,B,NH,T,T) attention weights after softmax
-    float* attproj;   // (L,B,T,C) attention output projection
-    float* residual2; // (L,B,T,C) residual stream after attention
+    float* att_lse;   // (L,B,NH,T) attention softmax statistic: log of the sum of exp(scores) per query
+    float* residual2; // (L,B,T,C) residual stream after attention (the projection added in place)
     float* ln2;       // (L,B,T,C) layernorm 2 output
     float* ln2_mean;  // (L,B,T) layernorm 2 mean
     float* ln2_rstd;  // (L,B,T) layernorm 2 reciprocal standard deviation
     float* fch;       // (L,B,T,4C) MLP hidden pre-activation
     float* fch_gelu;  // (L,B,T,4C) MLP hidden after GELU
-    float* fcproj;    // (L,B,T,C) MLP output projection
-    float* residual3; // (L,B,T,C) residual stream after the MLP
+    float* residual3; // (L,B,T,C) residual stream after the MLP (the projection added in place)
     float* lnf;       // (B,T,C) final layernorm output
     float* lnf_mean;  // (B,T) final layernorm mean
     float* lnf_rstd;  // (B,T) final layernorm reciprocal standard deviation
@@ -797,22 +933,19 @@ static void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], int B, int T)
     sizes[3] = (size_t)NUM_LAYERS * B * T;                         // ln1_rstd (L,B,T)
     sizes[4] = (size_t)NUM_LAYERS * B * T * 3 * CHANNELS;          // qkv (L,B,T,3C)
     sizes[5] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // atty (L,B,T,C)
-    sizes[6] = (size_t)NUM_LAYERS * B * NUM_HEADS * T * T;         // preatt (L,B,NH,T,T)
-    sizes[7] = (size_t)NUM_LAYERS * B * NUM_HEADS * T * T;         // att (L,B,NH,T,T)
-    sizes[8] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // attproj (L,B,T,C)
-    sizes[9] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // residual2 (L,B,T,C)
-    sizes[10] = (size_t)NUM_LAYERS * B * T * CHANNELS;             // ln2 (L,B,T,C)
-    sizes[11] = (size_t)NUM_LAYERS * B * T;                        // ln2_mean (L,B,T)
-    sizes[12] = (size_t)NUM_LAYERS * B * T;                        // ln2_rstd (L,B,T)
-    sizes[13] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS;         // fch (L,B,T,4C)
-    sizes[14] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS;         // fch_gelu (L,B,T,4C)
-    sizes[15] = (size_t)NUM_LAYERS * B * T * CHANNELS;             // fcproj (L,B,T,C)
-    sizes[16] = (size_t)NUM_LAYERS * B * T * CHANNELS;             // residual3 (L,B,T,C)
-    sizes[17] = (size_t)B * T * CHANNELS;                          // lnf (B,T,C)
-    sizes[18] = (size_t)B * T;                                     // lnf_mean (B,T)
-    sizes[19] = (size_t)B * T;                                     // lnf_rstd (B,T)
-    sizes[20] = (size_t)classifier_rows(B, T) * PADDED_VOCAB_SIZE; // logits (CR,Vp)
-    sizes[21] = (size_t)B * T;                                     // losses (B,T)
+    sizes[6] = (size_t)NUM_LAYERS * B * NUM_HEADS * T;             // att_lse (L,B,NH,T)
+    sizes[7] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // residual2 (L,B,T,C)
+    sizes[8] = (size_t)NUM_LAYERS * B * T * CHANNELS;              // ln2 (L,B,T,C)
+    sizes[9] = (size_t)NUM_LAYERS * B * T;                         // ln2_mean (L,B,T)
+    sizes[10] = (size_t)NUM_LAYERS * B * T;                        // ln2_rstd (L,B,T)
+    sizes[11] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS;         // fch (L,B,T,4C)
+    sizes[12] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS;         // fch_gelu (L,B,T,4C)
+    sizes[13] = (size_t)NUM_LAYERS * B * T * CHANNELS;             // residual3 (L,B,T,C)
+    sizes[14] = (size_t)B * T * CHANNELS;                          // lnf (B,T,C)
+    sizes[15] = (size_t)B * T;                                     // lnf_mean (B,T)
+    sizes[16] = (size_t)B * T;                                     // lnf_rstd (B,T)
+    sizes[17] = (size_t)classifier_rows(B, T) * PADDED_VOCAB_SIZE; // logits (CR,Vp)
+    sizes[18] = (size_t)B * T;                                     // losses (B,T)
 }
 
 // 1 where the backward keeps a gradient for the activation: not for the layernorm statistics,
@@ -824,16 +957,13 @@ static const int act_has_grad[NUM_ACTIVATION_TENSORS] = {
     0, // ln1_rstd
     1, // qkv
     1, // atty
-    1, // preatt
-    1, // att
-    1, // attproj
+    0, // att_lse
     1, // residual2
     1, // ln2
     0, // ln2_mean
     0, // ln2_rstd
     1, // fch
     1, // fch_gelu
-    1, // fcproj
     1, // residual3
     1, // lnf
     0, // lnf_mean
@@ -845,9 +975,9 @@ static const int act_has_grad[NUM_ACTIVATION_TENSORS] = {
 // Point each tensor into one buffer; a tensor of size 0 gets NULL.
 static void point_activations(ActivationTensors* a, float* memory, const size_t sizes[NUM_ACTIVATION_TENSORS]) {
     float** ptrs[NUM_ACTIVATION_TENSORS] = {
-        &a->encoded, &a->ln1, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->atty, &a->preatt, &a->att,
-        &a->attproj, &a->residual2, &a->ln2, &a->ln2_mean, &a->ln2_rstd, &a->fch, &a->fch_gelu,
-        &a->fcproj, &a->residual3, &a->lnf, &a->lnf_mean, &a->lnf_rstd, &a->logits, &a->losses
+        &a->encoded, &a->ln1, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->atty, &a->att_lse,
+        &a->residual2, &a->ln2, &a->ln2_mean, &a->ln2_rstd, &a->fch, &a->fch_gelu, &a->residual3,
+        &a->lnf, &a->lnf_mean, &a->lnf_rstd, &a->logits, &a->losses
     };
     for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) {
         *ptrs[i] = sizes[i] > 0 ? memory : NULL;
@@ -868,17 +998,14 @@ typedef struct {
     float* ln1_rstd;  // (B,T) layernorm 1 reciprocal standard deviation
     float* qkv;       // (B,T,3C) q, k, v for every position
     float* atty;      // (B,T,C) attention output, heads concatenated
-    float* preatt;    // (B,NH,T,T) attention scores before softmax
-    float* att;       // (B,NH,T,T) attention weights after softmax
-    float* attproj;   // (B,T,C) attention output projection
-    float* residual2; // (B,T,C) residual stream after attention
+    float* att_lse;   // (B,NH,T) attention softmax statistic: log of the sum of exp(scores) per query
+    float* residual2; // (B,T,C) residual stream after attention (the projection added in place)
     float* ln2;       // (B,T,C) layernorm 2 output
     float* ln2_mean;  // (B,T) layernorm 2 mean
     float* ln2_rstd;  // (B,T) layernorm 2 reciprocal standard deviation
     float* fch;       // (B,T,4C) MLP hidden pre-activation
     float* fch_gelu;  // (B,T,4C) MLP hidden after GELU
-    float* fcproj;    // (B,T,C) MLP output projection
-    float* residual3; // (B,T,C) residual stream after the MLP
+    float* residual3; // (B,T,C) residual stream after the MLP (the projection added in place)
 } LayerActs;
 
 static LayerActs layer_acts(const ActivationTensors* all, int l, int B, int T) {
@@ -888,16 +1015,13 @@ static LayerActs layer_acts(const ActivationTensors* all, int l, int B, int T) {
     v.ln1_rstd = slice(all->ln1_rstd, (size_t)l * B * T);
     v.qkv = slice(all->qkv, (size_t)l * B * T * 3 * CHANNELS);
     v.atty = slice(all->atty, (size_t)l * B * T * CHANNELS);
-    v.preatt = slice(all->preatt, (size_t)l * B * NUM_HEADS * T * T);
-    v.att = slice(all->att, (size_t)l * B * NUM_HEADS * T * T);
-    v.attproj = slice(all->attproj, (size_t)l * B * T * CHANNELS);
+    v.att_lse = slice(all->att_lse, (size_t)l * B * NUM_HEADS * T);
     v.residual2 = slice(all->residual2, (size_t)l * B * T * CHANNELS);
     v.ln2 = slice(all->ln2, (size_t)l * B * T * CHANNELS);
     v.ln2_mean = slice(all->ln2_mean, (size_t)l * B * T);
     v.ln2_rstd = slice(all->ln2_rstd, (size_t)l * B * T);
     v.fch = slice(all->fch, (size_t)l * B * T * 4 * CHANNELS);
     v.fch_gelu = slice(all->fch_gelu, (size_t)l * B * T * 4 * CHANNELS);
-    v.fcproj = slice(all->fcproj, (size_t)l * B * T * CHANNELS);
     v.residual3 = slice(all->residual3, (size_t)l * B * T * CHANNELS);
     return v;
 }
@@ -1028,14 +1152,14 @@ static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int
         LayerActs la = layer_acts(&a, l, B, T);
         layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, residual, lp.ln1w, lp.ln1b, BT, C);
         matmul_forward(la.qkv, la.ln1, lp.qkvw, lp.qkvb, BT, C, 3 * C);
-        attention_forward(la.atty, la.preatt, la.att, la.qkv, B, T, C, NUM_HEADS);
-        matmul_forward(la.attproj, la.atty, lp.attprojw, lp.attprojb, BT, C, C);
-        residual_forward(la.residual2, residual, la.attproj, BT * C);
+        attention_forward(la.atty, la.att_lse, la.qkv, B, T, C, NUM_HEADS);
+        residual_forward(la.residual2, residual, BT * C);                              // residual2 = residual
+        matmul_forward_add(la.residual2, la.atty, lp.attprojw, lp.attprojb, BT, C, C); //   + attproj(atty)
         layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, lp.ln2w, lp.ln2b, BT, C);
         matmul_forward(la.fch, la.ln2, lp.fcw, lp.fcb, BT, C, 4 * C);
         gelu_forward(la.fch_gelu, la.fch, BT * 4 * C);
-        matmul_forward(la.fcproj, la.fch_gelu, lp.fcprojw, lp.fcprojb, BT, 4 * C, C);
-        residual_forward(la.residual3, la.residual2, la.fcproj, BT * C);
+        residual_forward(la.residual3, la.residual2, BT * C);                                // residual3 = residual2
+        matmul_forward_add(la.residual3, la.fch_gelu, lp.fcprojw, lp.fcprojb, BT, 4 * C, C); //   + fcproj(fch_gelu)
         residual = la.residual3;
     }
     layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p.lnfw, p.lnfb, BT, C);
@@ -1095,16 +1219,16 @@ static void gpt2_backward(GPT2* model, const int* targets, float dloss, int B, i
         residual = l == 0 ? a.encoded : layer_acts(&a, l - 1, B, T).residual3;  // into layer l
         dresidual = l == 0 ? ga.encoded : layer_acts(&ga, l - 1, B, T).residual3;
         // the MLP: residual3 = residual2 + fcproj(gelu(fc(ln2(residual2))))
-        residual_backward(dla.residual2, dla.fcproj, dla.residual3, BT * C);
-        matmul_backward(dla.fch_gelu, dlp.fcprojw, dlp.fcprojb, dla.fcproj, la.fch_gelu, lp.fcprojw, BT, 4 * C, C);
+        residual_backward(dla.residual2, dla.residual3, BT * C);
+        matmul_backward(dla.fch_gelu, dlp.fcprojw, dlp.fcprojb, dla.residual3, la.fch_gelu, lp.fcprojw, BT, 4 * C, C);
         gelu_backward(dla.fch, la.fch, dla.fch_gelu, BT * 4 * C);
         matmul_backward(dla.ln2, dlp.fcw, dlp.fcb, dla.fch, la.ln2, lp.fcw, BT, C, 4 * C);
         layernorm_backward(dla.residual2, dlp.ln2w, dlp.ln2b, dla.ln2, la.residual2, lp.ln2w, la.ln2_mean, la.ln2_rstd,
                            BT, C);  // adds into dresidual2
         // attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
-        residual_backward(dresidual, dla.attproj, dla.residual2, BT * C);
-        matmul_backward(dla.atty, dlp.attprojw, dlp.attprojb, dla.attproj, la.atty, lp.attprojw, BT, C, C);
-        attention_backward(dla.qkv, dla.preatt, dla.att, dla.atty, la.qkv, la.att, B, T, C, NUM_HEADS);
+        residual_backward(dresidual, dla.residual2, BT * C);
+        matmul_backward(dla.atty, dlp.attprojw, dlp.attprojb, dla.residual2, la.atty, lp.attprojw, BT, C, C);
+        attention_backward(dla.qkv, dla.atty, la.qkv, la.atty, la.att_lse, B, T, C, NUM_HEADS);
         matmul_backward(dla.ln1, dlp.qkvw, dlp.qkvb, dla.qkv, la.ln1, lp.qkvw, BT, C, 3 * C);
         layernorm_backward(dresidual, dlp.ln1w, dlp.ln1b, dla.ln1, residual, lp.ln1w, la.ln1_mean, la.ln1_rstd,
                            BT, C);  // adds into dresidual
