@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from . import spec as specs
-from .enums import Matmul, Precision, Target
+from .enums import Matmul, Mlp, Norm, Position, Precision, Target
 from .errors import LlmgenError
 from .prepare import SHARD_TOKENS, VAL_FRACTION
 from .tensors import num_acts, num_params
@@ -83,10 +83,22 @@ def spec_options(f=None, *, default=DEFAULT_SPEC):
     @click.option("--channels", type=POSITIVE, help="override: embedding channels")
     @click.option("--vocab-size", type=POSITIVE, help="override: vocabulary size (padding re-derived)")
     @click.option("--max-seq-len", type=POSITIVE, help="override: longest sequence")
+    @click.option("--norm", type=click.Choice(Norm.values()), help="override: layernorm or rmsnorm")
+    @click.option("--norm-eps", type=click.FloatRange(min=0, min_open=True), help="override: the norms' epsilon")
+    @click.option("--position", type=click.Choice(Position.values()), help="override: learned positions or rope")
+    @click.option("--rope-theta", type=click.FloatRange(min=0, min_open=True), help="override: the rotary base")
+    @click.option("--mlp", type=click.Choice(Mlp.values()), help="override: the MLP's activation")
+    @click.option("--mlp-hidden", type=POSITIVE, help="override: MLP hidden channels")
+    @click.option("--kv-heads", type=POSITIVE, help="override: key/value heads (dividing heads)")
+    @click.option("--bias/--no-bias", default=None, help="override: biases in linear layers and layernorms")
+    @click.option("--tied/--untied", "tie_embeddings", default=None, help="override: the classifier is wte, or its own")
     @functools.wraps(f)
-    def wrapper(spec_name, spec_from, layers, heads, channels, vocab_size, max_seq_len, **kwargs):
+    def wrapper(spec_name, spec_from, layers, heads, channels, vocab_size, max_seq_len, norm, norm_eps, position,
+                rope_theta, mlp, mlp_hidden, kv_heads, bias, tie_embeddings, **kwargs):
         overrides = dict(layers=layers, heads=heads, channels=channels, vocab_size=vocab_size,
-                         max_seq_len=max_seq_len)
+                         max_seq_len=max_seq_len, norm=norm, norm_eps=norm_eps, position=position,
+                         rope_theta=rope_theta, mlp=mlp, mlp_hidden=mlp_hidden, kv_heads=kv_heads, bias=bias,
+                         tie_embeddings=tie_embeddings)
         if spec_from is None:
             spec = specs.load(spec_name or default).with_overrides(**overrides)
         else:
@@ -96,7 +108,7 @@ def spec_options(f=None, *, default=DEFAULT_SPEC):
             diff = specs.differences(spec, given)
             if diff:
                 flags = [f"--spec {spec_name}"] if spec_name else []
-                flags += [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None]
+                flags += [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items() if v is not None]  # (as typed)
                 raise LlmgenError(f"{spec_from}: the checkpoint's sizes differ from {' '.join(flags)} "
                                   f"(checkpoint vs given): {diff}")
             if spec_name:
@@ -279,6 +291,7 @@ def info(spec, batch, seq_len):
     click.echo(f"{spec.name} ({spec.source})")
     click.echo(f"  {spec.n_layer} layers, {spec.n_head} heads of {spec.head_size}, {spec.n_embd} channels, "
                f"vocab {spec.vocab_size} padded to {spec.padded_vocab_size}, max_seq_len {spec.max_seq_len}")
+    click.echo(f"  blocks: {specs.describe_blocks(spec)}")
     click.echo(f"parameters: {num_params(spec, padded=False):,} ({n:,} with the padded vocab)")
     click.echo("memory of the C trainer (fp32):")
     for name, floats in rows:
@@ -294,8 +307,9 @@ def presets():
     """List the preset specs, smallest first; then the specs the tests use."""
     def row(name):
         s = specs.load(name)
-        return (f"{name:<12} layers {s.n_layer:>2}  heads {s.n_head:>2}  channels {s.n_embd:>4}  "
-                f"vocab {s.vocab_size:>5}  max_seq_len {s.max_seq_len:>4}  {num_params(s) / 1e6:8.2f}M parameters")
+        return (f"{name:<13} layers {s.n_layer:>2}  heads {s.n_head:>2}  channels {s.n_embd:>4}  "
+                f"vocab {s.vocab_size:>5}  max_seq_len {s.max_seq_len:>4}  {num_params(s) / 1e6:8.2f}M parameters"
+                + ("" if s.is_gpt2 else f"  ({specs.describe_blocks(s)})"))
     for name in specs.preset_names(tests=False):
         click.echo(row(name))
     click.echo("for tests:")

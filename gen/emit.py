@@ -23,7 +23,8 @@ from .tensors import Act, Param, activations, num_params, parameters, shape_comm
 # Symbolic dimension -> C expression, for sizes that depend on B and T at run time.
 C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNELS", "HS": "HEAD_SIZE",
           "3C": "3 * CHANNELS", "4C": "4 * CHANNELS", "Vp": "PADDED_VOCAB_SIZE", "V": "VOCAB_SIZE",
-          "maxT": "MAX_SEQ_LEN", "CR": "classifier_rows(B, T)"}
+          "maxT": "MAX_SEQ_LEN", "CR": "classifier_rows(B, T)", "KVH": "KV_HEADS", "QKV": "QKV_CHANNELS",
+          "H": "MLP_HIDDEN", "2H": "2 * MLP_HIDDEN", "8C": "8 * CHANNELS"}
 
 # The layer templates under templates/layers/, in the order they appear in the file.
 LAYERS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier")

@@ -59,3 +59,22 @@ class Init(Choice):
     RESIDUAL = "residual"   # N(0, 0.02 / sqrt(2 L)): the projections into the residual stream
     ONES = "ones"
     ZEROS = "zeros"
+
+
+class Norm(Choice):
+    """The normalisation before attention, before the MLP and at the top."""
+    LAYERNORM = "layernorm"  # (x - mean) / std * weight (+ bias)
+    RMSNORM = "rmsnorm"      # x / rms(x) * weight
+
+
+class Position(Choice):
+    """How a token's position enters."""
+    LEARNED = "learned"      # a learned position embedding added to the token's (wpe)
+    ROPE = "rope"            # rotary: q and k rotated by angles that grow with the position
+
+
+class Mlp(Choice):
+    """The MLP's activation."""
+    GELU = "gelu"            # tanh approximation, as GPT-2
+    SWIGLU = "swiglu"        # silu(gate) * up, two projections in (Llama)
+    RELU2 = "relu2"          # relu(x)^2

@@ -2,6 +2,9 @@
 
 Model checkpoint: 256 int32 header [magic 20240326, version, maxT, V, L, NH, C, Vp, 0...],
 then the tensors.parameters(spec) tensors in order: version 3 stores them as float32, version 5 as bfloat16.
+A model with other blocks than GPT-2's (a Llama-style one) is version 13 (float32) or 15
+(bfloat16), versions llm.c does not read, with its blocks in the header's spare slots
+(ARCH_SLOTS), so that it can never be loaded as another architecture.
 Token shard: 256 int32 header [magic 20240520, version 1, token count, 0...], then uint16
 tokens. Every write goes to a temporary file in the same folder and is renamed into place.
 
@@ -33,9 +36,18 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MODEL_MAGIC = 20240326
 MODEL_VERSION_FP32, MODEL_VERSION_BF16 = 3, 5
+ARCH_VERSION_OFFSET = 10  # a variant's version: 13 (fp32) or 15 (bf16)
 # version -> (dtype name, bytes per parameter)
-MODEL_VERSIONS = {MODEL_VERSION_FP32: ("fp32", 4), MODEL_VERSION_BF16: ("bf16", 2)}
-DTYPE_VERSIONS = {name: version for version, (name, _) in MODEL_VERSIONS.items()}
+MODEL_VERSIONS = {MODEL_VERSION_FP32: ("fp32", 4), MODEL_VERSION_BF16: ("bf16", 2),
+                  MODEL_VERSION_FP32 + ARCH_VERSION_OFFSET: ("fp32", 4),
+                  MODEL_VERSION_BF16 + ARCH_VERSION_OFFSET: ("bf16", 2)}
+DTYPE_VERSIONS = {"fp32": MODEL_VERSION_FP32, "bf16": MODEL_VERSION_BF16}
+# The blocks of a version 13/15 file, in the header's spare int32 slots: [8] the layout of these
+# slots (1), [9] norm (0 layernorm, 1 rmsnorm), [10] position (0 learned, 1 rope), [11] mlp
+# (0 gelu, 1 swiglu, 2 relu2), [12] mlp_hidden, [13] kv_heads, [14] bias (0/1),
+# [15] tie_embeddings (0/1), [16:18] norm_eps and [18:20] rope_theta as float64.
+ARCH_SLOTS_LAYOUT = 1
+ARCH_CODES = {"norm": ("layernorm", "rmsnorm"), "position": ("learned", "rope"), "mlp": ("gelu", "swiglu", "relu2")}
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 
 
@@ -165,24 +177,39 @@ def _read_body(path: Path, dtype: str, count: int, what: str) -> np.ndarray:
             raise LlmgenError(f"{path}: cannot read {what} ({e.strerror})") from None
 
 
+def model_version(spec: Spec, dtype: str) -> int:
+    """The checkpoint version for a spec stored as dtype ("fp32" or "bf16"): llm.c's 3 or 5 for
+    GPT-2's blocks, 13 or 15 for others."""
+    return DTYPE_VERSIONS[dtype] + (0 if spec.is_gpt2 else ARCH_VERSION_OFFSET)
+
+
 def model_header(spec: Spec, version: int = MODEL_VERSION_FP32) -> np.ndarray:
+    """The header of a checkpoint; version 3 or 5 gives the spec's own (13 or 15 for a variant)."""
+    version = model_version(spec, MODEL_VERSIONS[version][0])
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:8] = [MODEL_MAGIC, version, spec.max_seq_len, spec.vocab_size, spec.n_layer,
                   spec.n_head, spec.n_embd, spec.padded_vocab_size]
+    if not spec.is_gpt2:
+        header[8:16] = [ARCH_SLOTS_LAYOUT, ARCH_CODES["norm"].index(spec.norm.value),
+                        ARCH_CODES["position"].index(spec.position.value), ARCH_CODES["mlp"].index(spec.mlp.value),
+                        spec.mlp_channels, spec.kv_head_count, int(spec.bias), int(spec.tie_embeddings)]
+        header[16:20] = np.array([spec.norm_eps, spec.rope_theta], dtype="<f8").view("<i4")
     return header
 
 
 def write_model(path, spec: Spec, params: dict[str, np.ndarray], version: int = MODEL_VERSION_FP32) -> None:
-    """Write a model checkpoint: version 3 (float32) or 5 (bfloat16, rounded to nearest even)."""
+    """Write a model checkpoint: version 3 (float32) or 5 (bfloat16, rounded to nearest even);
+    a spec with other blocks than GPT-2's is written as 13 or 15."""
     if version not in MODEL_VERSIONS:
         raise ValueError(f"model checkpoint version {version}: expected 3 (fp32) or 5 (bf16)")
+    fp32 = MODEL_VERSIONS[version][0] == "fp32"
     chunks = [model_header(spec, version).tobytes()]
     for name, shape in param_shapes(spec).items():
         a = np.asarray(params[name])
         if a.shape != shape:
             raise ValueError(f"{name}: shape {a.shape}, expected {shape}")
         a = np.ascontiguousarray(a, dtype="<f4")
-        chunks.append((a if version == MODEL_VERSION_FP32 else to_bf16(a)).reshape(-1).data)  # no copies
+        chunks.append((a if fp32 else to_bf16(a)).reshape(-1).data)  # no copies
     write_atomic(path, chunks)
 
 
@@ -190,7 +217,29 @@ def spec_from_header(header: np.ndarray, source: str, name: str | None = None) -
     raw = {"name": safe_name(name or Path(source).stem), "max_seq_len": int(header[2]), "vocab_size": int(header[3]),
            "layers": int(header[4]), "heads": int(header[5]), "channels": int(header[6]),
            "padded_vocab_size": int(header[7])}
-    return from_dict(raw, source)
+    if int(header[1]) in (MODEL_VERSION_FP32 + ARCH_VERSION_OFFSET, MODEL_VERSION_BF16 + ARCH_VERSION_OFFSET):
+        if int(header[8]) != ARCH_SLOTS_LAYOUT:
+            raise LlmgenError(f"{source}: header slot 8 (the layout of the blocks) is {int(header[8])}, "
+                              f"expected {ARCH_SLOTS_LAYOUT}")
+        for slot, key in ((9, "norm"), (10, "position"), (11, "mlp")):
+            code = int(header[slot])
+            if not 0 <= code < len(ARCH_CODES[key]):
+                raise LlmgenError(f"{source}: header slot {slot} ({key}) is {code}, not one of "
+                                  f"{', '.join(f'{i} ({v})' for i, v in enumerate(ARCH_CODES[key]))}")
+            raw[key] = ARCH_CODES[key][code]
+        raw.update(mlp_hidden=int(header[12]), kv_heads=int(header[13]))
+        for slot, key in ((14, "bias"), (15, "tie_embeddings")):
+            if int(header[slot]) not in (0, 1):
+                raise LlmgenError(f"{source}: header slot {slot} ({key}) is {int(header[slot])}, not 0 or 1")
+            raw[key] = bool(header[slot])
+        norm_eps, rope_theta = (float(x) for x in np.asarray(header[16:20], dtype="<i4").view("<f8"))
+        raw["norm_eps"] = norm_eps
+        if raw["position"] == "rope":
+            raw["rope_theta"] = rope_theta
+    spec = from_dict(raw, source)
+    if spec.is_gpt2 != (int(header[1]) in (MODEL_VERSION_FP32, MODEL_VERSION_BF16)):
+        raise LlmgenError(f"{source}: version {int(header[1])} does not match the blocks its header describes")
+    return spec
 
 
 def read_model_spec(path) -> tuple[Spec, int]:
@@ -201,7 +250,7 @@ def read_model_spec(path) -> tuple[Spec, int]:
     version = int(header[1])
     if version not in MODEL_VERSIONS:
         raise LlmgenError(f"{path}: model checkpoint version {version} is not supported "
-                          "(expected 3, fp32, or 5, bf16)")
+                          "(expected 3, fp32, or 5, bf16; 13 or 15 for other blocks than GPT-2's)")
     spec = spec_from_header(header, f"checkpoint {path}", name=path.stem)
     dtype, width = MODEL_VERSIONS[version]
     need = num_params(spec) * width
@@ -218,9 +267,10 @@ def read_model(path, with_version: bool = False):
     n = num_params(spec)
     # the file's size matches the header (read_model_spec); a sparse file can still claim
     # more than fits in memory
-    check_memory(path, n * (4 if version == MODEL_VERSION_FP32 else 6), f"the checkpoint's {n:,} parameters")
+    fp32 = MODEL_VERSIONS[version][0] == "fp32"
+    check_memory(path, n * (4 if fp32 else 6), f"the checkpoint's {n:,} parameters")
     try:
-        if version == MODEL_VERSION_FP32:
+        if fp32:
             flat = _read_body(Path(path), "<f4", n, "model checkpoint")
         else:
             flat = from_bf16(_read_body(Path(path), "<u2", n, "model checkpoint"))

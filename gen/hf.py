@@ -251,7 +251,7 @@ def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: i
         names[short] = full
     layers = sorted({int(m.group(1)) for n in names if (m := BLOCK.match(n))})
     L = layers[-1] + 1 if layers else 0
-    templates = {p.hf for p in gpt2_parameters()}
+    templates = {p.hf[0] for p in gpt2_parameters()}
     for short, full in names.items():
         known = short == "lm_head.weight" or SKIPPED.fullmatch(short) or BLOCK.sub("h.{n}.", short, 1) in templates
         if not known:
@@ -297,7 +297,7 @@ def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: i
     sizes = param_shapes(spec)
     plan = []  # every tensor is there with its shape before anything is allocated
     for t in parameters(spec):
-        hf, ours, transposed = t.hf, t.name, t.hf_transposed
+        hf, ours, transposed = t.hf[0], t.name, t.hf_transposed
         per_layer = "{n}" in hf
         want = sizes[ours][1:] if per_layer else sizes[ours]
         if ours == "wte":
@@ -337,7 +337,7 @@ def hf_tensors(spec: Spec, params: dict[str, np.ndarray]) -> dict[str, np.ndarra
     """GPT2LMHeadModel's state dict (without the tied lm_head.weight), padded vocab rows dropped."""
     out = {}
     for t in parameters(spec):
-        hf, ours, transposed = t.hf, t.name, t.hf_transposed
+        hf, ours, transposed = t.hf[0], t.name, t.hf_transposed
         for n in range(spec.n_layer) if "{n}" in hf else [None]:
             a = params[ours] if n is None else params[ours][n]
             if ours == "wte":

@@ -1,4 +1,7 @@
-"""A NumPy GPT-2: forward, full manual backward and AdamW, following llm.c's train_gpt2.c.
+"""A NumPy transformer: forward, full manual backward and AdamW, following llm.c's train_gpt2.c
+for GPT-2 and transformers' Llama for the other blocks a spec can choose (RMSNorm, rotary
+positions in transformers' rotate-half layout, SwiGLU and ReLU^2, grouped-query attention,
+no biases, an untied classifier).
 
 This is the ground truth the generated C trainer is checked against, so every layer mirrors
 the C layer of the same name and the same conventions:
@@ -7,8 +10,9 @@ the C layer of the same name and the same conventions:
   tensors.parameters(spec) order; all arithmetic stays in the params' dtype (float32 or float64: the
   caller picks float64 for finite differences);
 * a linear layer is out = inp @ W.T + b with W of shape (OC, IC), as llm.c's matmul_forward;
-* layernorm uses eps 1e-5 and the biased variance, and caches mean and rstd = 1/sqrt(var+eps);
-* the classifier is tied to wte, has no bias, and produces Vp (padded) logits, but the softmax
+* layernorm uses the spec's eps (GPT-2: 1e-5) and the biased variance, and caches mean and
+  rstd = 1/sqrt(var+eps); rmsnorm caches rstd = 1/sqrt(mean(x^2)+eps);
+* the classifier (wte, or lm_head when untied) has no bias, and produces Vp (padded) logits, but the softmax
   only covers the first V = spec.vocab_size of them: probs[..., V:] = 0 and their gradient is 0;
 * the loss is the mean over all B*T positions of -log probs[target].
 
@@ -22,8 +26,8 @@ import math
 
 import numpy as np
 
-from .enums import Init
-from .tensors import param_shapes, parameters
+from .enums import Init, Mlp, Norm, Position
+from .tensors import activation_name, param_shapes, parameters
 
 LN_EPS = 1e-5
 GELU_SCALING = math.sqrt(2.0 / math.pi)  # a Python float, so it never changes an array's dtype
@@ -45,14 +49,16 @@ def encoder_backward(dwte, dwpe, dout, tokens):
 
 
 # ---- layernorm ---------------------------------------------------------------------------
-def layernorm_forward(inp, weight, bias):
+def layernorm_forward(inp, weight, bias, eps=LN_EPS):
     """Over the last axis: mean = E[x], var = E[(x-mean)^2] (biased), rstd = 1/sqrt(var+eps),
-    out = (x-mean)*rstd*weight + bias.   Returns out (..,C), mean (..), rstd (..)."""
+    out = (x-mean)*rstd*weight + bias (bias None: none).   Returns out (..,C), mean (..), rstd (..)."""
     mean = inp.mean(axis=-1)
     xc = inp - mean[..., None]
     var = (xc * xc).mean(axis=-1)
-    rstd = 1.0 / np.sqrt(var + LN_EPS)
-    out = xc * rstd[..., None] * weight + bias
+    rstd = 1.0 / np.sqrt(var + float(eps))
+    out = xc * rstd[..., None] * weight
+    if bias is not None:
+        out = out + bias
     return out, mean, rstd
 
 
@@ -70,6 +76,62 @@ def layernorm_backward(dout, inp, weight, mean, rstd):
     dweight = (dout * norm).reshape(-1, C).sum(axis=0)
     dbias = dout.reshape(-1, C).sum(axis=0)
     return dinp, dweight, dbias
+
+
+# ---- rmsnorm -----------------------------------------------------------------------------
+def rmsnorm_forward(inp, weight, eps):
+    """Over the last axis: rstd = 1/sqrt(E[x^2]+eps), out = x*rstd*weight.   Returns out, rstd."""
+    rstd = 1.0 / np.sqrt((inp * inp).mean(axis=-1) + float(eps))
+    return inp * rstd[..., None] * weight, rstd
+
+
+def rmsnorm_backward(dout, inp, weight, rstd):
+    """With norm = x*rstd and g = dout*weight:  dweight = sum dout*norm (over positions),
+    dinp = rstd * (g - norm * mean(g*norm))   (the chain rule through rstd, a function of
+    every x[i]).   Returns dinp, dweight."""
+    C = inp.shape[-1]
+    norm = inp * rstd[..., None]
+    g = dout * weight
+    dinp = rstd[..., None] * (g - norm * (g * norm).mean(axis=-1, keepdims=True))
+    return dinp, (dout * norm).reshape(-1, C).sum(axis=0)
+
+
+# ---- rotary positions (transformers' rotate-half layout) -------------------------------
+def rope_cos_sin(T, HS, theta, dtype):
+    """cos and sin (T, HS/2) of the angles t * theta^(-2i/HS): pair i of a head is channels i and
+    i + HS/2 (transformers' Llama)."""
+    inv = 1.0 / (float(theta) ** (np.arange(0, HS, 2, dtype=np.float64) / HS))
+    angle = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
+
+
+def _rotate(x, cos, sin, sign):
+    """x (B,T,heads,HS) rotated by the angles (sign -1: back): for each pair (a, b) = (x[i],
+    x[i + HS/2]),  a' = a cos - sign b sin,  b' = b cos + sign a sin."""
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    c, s_ = cos[None, :, None, :], sign * sin[None, :, None, :]
+    return np.concatenate([a * c - b * s_, b * c + a * s_], axis=-1)
+
+
+def rope_forward(qkv, NH, KVH, theta):
+    """q and k of qkv (B,T,C+2*KVH*HS) rotated by position; v as it is."""
+    B, T, _ = qkv.shape
+    HS = qkv.shape[-1] // (NH + 2 * KVH)
+    cos, sin = rope_cos_sin(T, HS, theta, qkv.dtype)
+    q = _rotate(qkv[..., :NH * HS].reshape(B, T, NH, HS), cos, sin, 1).reshape(B, T, NH * HS)
+    k = _rotate(qkv[..., NH * HS:(NH + KVH) * HS].reshape(B, T, KVH, HS), cos, sin, 1).reshape(B, T, KVH * HS)
+    return np.concatenate([q, k, qkv[..., (NH + KVH) * HS:]], axis=-1)
+
+
+def rope_backward(dqkv, NH, KVH, theta):
+    """A rotation's transpose is the rotation back: dq and dk rotated by -angle."""
+    B, T, _ = dqkv.shape
+    HS = dqkv.shape[-1] // (NH + 2 * KVH)
+    cos, sin = rope_cos_sin(T, HS, theta, dqkv.dtype)
+    dq = _rotate(dqkv[..., :NH * HS].reshape(B, T, NH, HS), cos, sin, -1).reshape(B, T, NH * HS)
+    dk = _rotate(dqkv[..., NH * HS:(NH + KVH) * HS].reshape(B, T, KVH, HS), cos, sin, -1).reshape(B, T, KVH * HS)
+    return np.concatenate([dq, dk, dqkv[..., (NH + KVH) * HS:]], axis=-1)
 
 
 # ---- matmul (linear layer) ---------------------------------------------------------------
@@ -95,31 +157,39 @@ def matmul_backward(dout, inp, weight, has_bias=True):
 
 # ---- attention ---------------------------------------------------------------------------
 def _split_heads(x, NH):
-    """(B,T,C) -> (B,NH,T,HS): head h owns channels h*HS:(h+1)*HS."""
+    """(B,T,NH*HS) -> (B,NH,T,HS): head h owns channels h*HS:(h+1)*HS."""
     B, T, C = x.shape
     return x.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)
 
 
 def _merge_heads(x):
-    """(B,NH,T,HS) -> (B,T,C), heads concatenated."""
+    """(B,NH,T,HS) -> (B,T,NH*HS), heads concatenated."""
     B, NH, T, HS = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
 
 
-def attention_forward(qkv, NH):
-    """qkv (B,T,3C) holds q = [..., :C], k = [..., C:2C], v = [..., 2C:].  Per head:
+def _qkv_heads(qkv, NH, KVH):
+    """q (B,NH,T,HS), and k, v (B,NH,T,HS) with each of the KVH key/value heads repeated for
+    its group of NH/KVH query heads (query head h uses key/value head h // (NH/KVH))."""
+    HS = qkv.shape[-1] // (NH + 2 * KVH)
+    q = _split_heads(qkv[..., :NH * HS], NH)
+    k = np.repeat(_split_heads(qkv[..., NH * HS:(NH + KVH) * HS], KVH), NH // KVH, axis=1)
+    v = np.repeat(_split_heads(qkv[..., (NH + KVH) * HS:], KVH), NH // KVH, axis=1)
+    return q, k, v, HS
+
+
+def attention_forward(qkv, NH, KVH=None):
+    """qkv (B,T,C+2*KVH*HS) holds q = [..., :C], then k and v (KVH heads each; KVH = NH: GPT-2's
+    thirds).  Per head:
         preatt[t,t2] = q[t].k[t2] / sqrt(HS)  for t2 <= t (causal)
         att[t,:] = softmax(preatt[t, :t+1]), 0 for t2 > t
         out[t] = sum_t2 att[t,t2] v[t2]
     Returns out (B,T,C), preatt and att (B,NH,T,T).  preatt's masked (future) entries are 0
     here; llm.c never writes them, so compare only its lower triangle."""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    HS = C // NH
+    KVH = KVH or NH
+    q, k, v, HS = _qkv_heads(qkv, NH, KVH)
+    T = qkv.shape[1]
     scale = 1.0 / math.sqrt(HS)
-    q = _split_heads(qkv[..., :C], NH)
-    k = _split_heads(qkv[..., C:2 * C], NH)
-    v = _split_heads(qkv[..., 2 * C:], NH)
     causal = np.tril(np.ones((T, T), dtype=bool))
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale
     preatt = np.where(causal, scores, scores.dtype.type(0))
@@ -139,24 +209,25 @@ def attention_lse(preatt, T):
     return m + np.log(np.exp(masked - m[..., None]).sum(axis=-1))
 
 
-def attention_backward(dout, qkv, att, NH):
+def attention_backward(dout, qkv, att, NH, KVH=None):
     """Chain rule through out = att @ v, att = softmax(preatt), preatt = q k^T * scale:
         datt = dout v^T,  dv = att^T dout
         dpreatt = att * (datt - sum_t2 att*datt)      (softmax backward; 0 where masked)
         dq = dpreatt k * scale,  dk = dpreatt^T q * scale
-    Returns dqkv (B,T,3C)."""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    scale = 1.0 / math.sqrt(C // NH)
-    q = _split_heads(qkv[..., :C], NH)
-    k = _split_heads(qkv[..., C:2 * C], NH)
-    v = _split_heads(qkv[..., 2 * C:], NH)
+    a key/value head's dk and dv summed over its group of query heads.   Returns dqkv."""
+    KVH = KVH or NH
+    q, k, v, HS = _qkv_heads(qkv, NH, KVH)
+    B, T = qkv.shape[:2]
+    scale = 1.0 / math.sqrt(HS)
     dy = _split_heads(dout, NH)
     datt = dy @ v.transpose(0, 1, 3, 2)
     dv = att.transpose(0, 1, 3, 2) @ dy
     dpreatt = att * (datt - (att * datt).sum(axis=-1, keepdims=True))
     dq = (dpreatt @ k) * scale
     dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale
+    group = NH // KVH
+    dk = dk.reshape(B, KVH, group, T, HS).sum(axis=2)
+    dv = dv.reshape(B, KVH, group, T, HS).sum(axis=2)
     return np.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
 
 
@@ -173,6 +244,35 @@ def gelu_backward(dout, x):
     th = np.tanh(u)
     local = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * GELU_SCALING * (1.0 + 3 * 0.044715 * x * x)
     return dout * local
+
+
+# ---- SwiGLU and ReLU^2 -------------------------------------------------------------------
+def swiglu_forward(fch):
+    """fch (..,2H) holds gate = [..., :H] and up = [..., H:]:  out = silu(gate) * up,
+    silu(x) = x sigmoid(x).   -> (..,H)"""
+    H = fch.shape[-1] // 2
+    gate, up = fch[..., :H], fch[..., H:]
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def swiglu_backward(dout, fch):
+    """dup = dout * silu(gate);  dgate = dout * up * silu'(gate),
+    silu'(x) = s(x) (1 + x (1 - s(x))), s the sigmoid.   Returns dfch (..,2H)."""
+    H = fch.shape[-1] // 2
+    gate, up = fch[..., :H], fch[..., H:]
+    sig = 1.0 / (1.0 + np.exp(-gate))
+    return np.concatenate([dout * up * sig * (1.0 + gate * (1.0 - sig)), dout * gate * sig], axis=-1)
+
+
+def relu2_forward(x):
+    """out = relu(x)^2"""
+    r = np.maximum(x, 0)
+    return r * r
+
+
+def relu2_backward(dout, x):
+    """d out/dx = 2 relu(x).   Returns dinp."""
+    return dout * 2.0 * np.maximum(x, 0)
 
 
 # ---- residual ----------------------------------------------------------------------------
@@ -257,45 +357,80 @@ def _check_inputs(spec, params, tokens, targets):
     return tokens, targets
 
 
+def _norm_forward(spec, x, weight, bias):
+    """layernorm or rmsnorm, as the spec says.   Returns out, mean (None for rmsnorm), rstd."""
+    if spec.norm is Norm.RMSNORM:
+        out, rstd = rmsnorm_forward(x, weight, spec.norm_eps)
+        return out, None, rstd
+    return layernorm_forward(x, weight, bias, spec.norm_eps)
+
+
+def _norm_backward(spec, dout, x, weight, mean, rstd):
+    """Returns dinp, dweight, dbias (None without a bias)."""
+    if spec.norm is Norm.RMSNORM:
+        dinp, dweight = rmsnorm_backward(dout, x, weight, rstd)
+        return dinp, dweight, None
+    dinp, dweight, dbias = layernorm_backward(dout, x, weight, mean, rstd)
+    return dinp, dweight, dbias if spec.bias else None
+
+
+def _mlp_forward(spec, fch):
+    return {Mlp.GELU: gelu_forward, Mlp.SWIGLU: swiglu_forward, Mlp.RELU2: relu2_forward}[spec.mlp](fch)
+
+
+def _mlp_backward(spec, dout, fch):
+    return {Mlp.GELU: gelu_backward, Mlp.SWIGLU: swiglu_backward, Mlp.RELU2: relu2_backward}[spec.mlp](dout, fch)
+
+
 def forward(spec, params, tokens, targets=None):
-    """The GPT-2 forward pass on tokens (B,T).  Returns (logits (B,T,Vp), mean loss as a float
-    or None without targets, cache).  The cache holds the tensors.activations(spec) by name
-    (per-layer ones stacked as (L,B,T,...)), plus "tokens" and "targets" for backward."""
+    """The forward pass on tokens (B,T).  Returns (logits (B,T,Vp), mean loss as a float or None
+    without targets, cache).  The cache holds the tensors.activations(spec) by name (per-layer
+    ones stacked as (L,B,T,...); qkv after the rotation, when rope), plus "preatt", "att",
+    "attproj", "fcproj", "probs", "tokens" and "targets" for backward."""
     tokens, targets = _check_inputs(spec, params, tokens, targets)
-    L, NH = spec.n_layer, spec.n_head
+    L, NH, KVH = spec.n_layer, spec.n_head, spec.kv_head_count
     p = params
+    g = p.get
+    rope = spec.position is Position.ROPE
+    act = activation_name(spec)
     cache = {"tokens": tokens, "targets": targets}
-    encoded = encoder_forward(p["wte"], p["wpe"], tokens)
+    encoded = p["wte"][tokens] if rope else encoder_forward(p["wte"], p["wpe"], tokens)
     cache["encoded"] = encoded
-    per_layer = {name: [] for name in (
-        "ln1", "ln1_mean", "ln1_rstd", "qkv", "atty", "preatt", "att", "att_lse", "attproj", "residual2",
-        "ln2", "ln2_mean", "ln2_rstd", "fch", "fch_gelu", "fcproj", "residual3")}
+    names = ("ln1", "ln1_mean", "ln1_rstd", "qkv", "atty", "preatt", "att", "att_lse", "attproj", "residual2",
+             "ln2", "ln2_mean", "ln2_rstd", "fch", act, "fcproj", "residual3")
+    per_layer = {name: [] for name in names}
+
+    def layer(name, l):
+        return g(name)[l] if name in p else None
     residual = encoded
     for l in range(L):
-        ln1, ln1_mean, ln1_rstd = layernorm_forward(residual, p["ln1w"][l], p["ln1b"][l])
-        qkv = matmul_forward(ln1, p["qkvw"][l], p["qkvb"][l])
-        atty, preatt, att = attention_forward(qkv, NH)
+        ln1, ln1_mean, ln1_rstd = _norm_forward(spec, residual, p["ln1w"][l], layer("ln1b", l))
+        qkv = matmul_forward(ln1, p["qkvw"][l], layer("qkvb", l))
+        if rope:
+            qkv = rope_forward(qkv, NH, KVH, spec.rope_theta)
+        atty, preatt, att = attention_forward(qkv, NH, KVH)
         att_lse = attention_lse(preatt, tokens.shape[1])
-        attproj = matmul_forward(atty, p["attprojw"][l], p["attprojb"][l])
+        attproj = matmul_forward(atty, p["attprojw"][l], layer("attprojb", l))
         residual2 = residual_forward(residual, attproj)
-        ln2, ln2_mean, ln2_rstd = layernorm_forward(residual2, p["ln2w"][l], p["ln2b"][l])
-        fch = matmul_forward(ln2, p["fcw"][l], p["fcb"][l])
-        fch_gelu = gelu_forward(fch)
-        fcproj = matmul_forward(fch_gelu, p["fcprojw"][l], p["fcprojb"][l])
+        ln2, ln2_mean, ln2_rstd = _norm_forward(spec, residual2, p["ln2w"][l], layer("ln2b", l))
+        fch = matmul_forward(ln2, p["fcw"][l], layer("fcb", l))
+        hidden = _mlp_forward(spec, fch)
+        fcproj = matmul_forward(hidden, p["fcprojw"][l], layer("fcprojb", l))
         residual3 = residual_forward(residual2, fcproj)
-        for name, value in (("ln1", ln1), ("ln1_mean", ln1_mean), ("ln1_rstd", ln1_rstd),
-                            ("qkv", qkv), ("atty", atty), ("preatt", preatt), ("att", att), ("att_lse", att_lse),
-                            ("attproj", attproj), ("residual2", residual2), ("ln2", ln2),
-                            ("ln2_mean", ln2_mean), ("ln2_rstd", ln2_rstd), ("fch", fch),
-                            ("fch_gelu", fch_gelu), ("fcproj", fcproj), ("residual3", residual3)):
-            per_layer[name].append(value)
+        for name, value in zip(names, (ln1, ln1_mean, ln1_rstd, qkv, atty, preatt, att, att_lse, attproj,
+                                       residual2, ln2, ln2_mean, ln2_rstd, fch, hidden, fcproj, residual3)):
+            if value is not None:
+                per_layer[name].append(value)
         residual = residual3
     for name, values in per_layer.items():
-        cache[name] = np.stack(values)
-    lnf, lnf_mean, lnf_rstd = layernorm_forward(residual, p["lnfw"], p["lnfb"])
-    logits = matmul_forward(lnf, p["wte"])  # tied classifier, no bias: (B,T,Vp)
+        if values:
+            cache[name] = np.stack(values)
+    lnf, lnf_mean, lnf_rstd = _norm_forward(spec, residual, p["lnfw"], g("lnfb"))
+    logits = matmul_forward(lnf, p["wte"] if spec.tie_embeddings else p["lm_head"])  # no bias: (B,T,Vp)
     probs = softmax_forward(logits, spec.vocab_size)
-    cache.update(lnf=lnf, lnf_mean=lnf_mean, lnf_rstd=lnf_rstd, logits=logits, probs=probs)
+    cache.update(lnf=lnf, lnf_rstd=lnf_rstd, logits=logits, probs=probs)
+    if lnf_mean is not None:
+        cache["lnf_mean"] = lnf_mean
     loss = None
     if targets is not None:
         losses = crossentropy_forward(probs, targets)
@@ -312,40 +447,63 @@ def backward(spec, params, cache, dloss=1.0):
         raise ValueError("backward needs a forward pass with targets")
     tokens = cache["tokens"]
     p = params
-    L, NH = spec.n_layer, spec.n_head
+    L, NH, KVH = spec.n_layer, spec.n_head, spec.kv_head_count
+    rope = spec.position is Position.ROPE
+    act = activation_name(spec)
     B, T = tokens.shape
     grads = {name: np.zeros_like(value) for name, value in params.items()}
 
+    def set_grads(l, **named):  # a layer's parameter gradients; None: the tensor is not there
+        for name, value in named.items():
+            if value is not None:
+                grads[name][l] = value
+
+    def stat(name, l=None):
+        if name not in cache:
+            return None
+        return cache[name] if l is None else cache[name][l]
+
     # every position's loss enters the mean with weight 1/(B*T)
     dlogits = crossentropy_softmax_backward(cache["probs"], targets, float(dloss) / (B * T))
-    dlnf, dwte_classifier, _ = matmul_backward(dlogits, cache["lnf"], p["wte"], has_bias=False)
-    grads["wte"] += dwte_classifier
+    classifier = "wte" if spec.tie_embeddings else "lm_head"
+    dlnf, dclassifier, _ = matmul_backward(dlogits, cache["lnf"], p[classifier], has_bias=False)
+    grads[classifier] += dclassifier
     last = cache["residual3"][L - 1]
-    dresidual, grads["lnfw"], grads["lnfb"] = layernorm_backward(
-        dlnf, last, p["lnfw"], cache["lnf_mean"], cache["lnf_rstd"])
+    dresidual, grads["lnfw"], dlnfb = _norm_backward(spec, dlnf, last, p["lnfw"], stat("lnf_mean"), cache["lnf_rstd"])
+    if dlnfb is not None:
+        grads["lnfb"] = dlnfb
 
     for l in reversed(range(L)):
         residual = cache["encoded"] if l == 0 else cache["residual3"][l - 1]
         # residual3 = residual2 + fcproj
         dresidual2, dfcproj = residual_backward(dresidual)
-        dfch_gelu, grads["fcprojw"][l], grads["fcprojb"][l] = matmul_backward(
-            dfcproj, cache["fch_gelu"][l], p["fcprojw"][l])
-        dfch = gelu_backward(dfch_gelu, cache["fch"][l])
-        dln2, grads["fcw"][l], grads["fcb"][l] = matmul_backward(dfch, cache["ln2"][l], p["fcw"][l])
-        dres2_ln, grads["ln2w"][l], grads["ln2b"][l] = layernorm_backward(
-            dln2, cache["residual2"][l], p["ln2w"][l], cache["ln2_mean"][l], cache["ln2_rstd"][l])
+        dhidden, dw, db = matmul_backward(dfcproj, cache[act][l], p["fcprojw"][l], has_bias=spec.bias)
+        set_grads(l, fcprojw=dw, fcprojb=db)
+        dfch = _mlp_backward(spec, dhidden, cache["fch"][l])
+        dln2, dw, db = matmul_backward(dfch, cache["ln2"][l], p["fcw"][l], has_bias=spec.bias)
+        set_grads(l, fcw=dw, fcb=db)
+        dres2_ln, dw, db = _norm_backward(spec, dln2, cache["residual2"][l], p["ln2w"][l], stat("ln2_mean", l),
+                                          cache["ln2_rstd"][l])
+        set_grads(l, ln2w=dw, ln2b=db)
         dresidual2 = dresidual2 + dres2_ln  # residual2 feeds both ln2 and residual3
         # residual2 = residual + attproj
         dresidual, dattproj = residual_backward(dresidual2)
-        datty, grads["attprojw"][l], grads["attprojb"][l] = matmul_backward(
-            dattproj, cache["atty"][l], p["attprojw"][l])
-        dqkv = attention_backward(datty, cache["qkv"][l], cache["att"][l], NH)
-        dln1, grads["qkvw"][l], grads["qkvb"][l] = matmul_backward(dqkv, cache["ln1"][l], p["qkvw"][l])
-        dres_ln, grads["ln1w"][l], grads["ln1b"][l] = layernorm_backward(
-            dln1, residual, p["ln1w"][l], cache["ln1_mean"][l], cache["ln1_rstd"][l])
+        datty, dw, db = matmul_backward(dattproj, cache["atty"][l], p["attprojw"][l], has_bias=spec.bias)
+        set_grads(l, attprojw=dw, attprojb=db)
+        dqkv = attention_backward(datty, cache["qkv"][l], cache["att"][l], NH, KVH)
+        if rope:
+            dqkv = rope_backward(dqkv, NH, KVH, spec.rope_theta)
+        dln1, dw, db = matmul_backward(dqkv, cache["ln1"][l], p["qkvw"][l], has_bias=spec.bias)
+        set_grads(l, qkvw=dw, qkvb=db)
+        dres_ln, dw, db = _norm_backward(spec, dln1, residual, p["ln1w"][l], stat("ln1_mean", l),
+                                         cache["ln1_rstd"][l])
+        set_grads(l, ln1w=dw, ln1b=db)
         dresidual = dresidual + dres_ln  # the block input feeds both ln1 and residual2
 
-    encoder_backward(grads["wte"], grads["wpe"], dresidual, tokens)
+    if rope:
+        np.add.at(grads["wte"], tokens.reshape(-1), dresidual.reshape(-1, dresidual.shape[-1]))
+    else:
+        encoder_backward(grads["wte"], grads["wpe"], dresidual, tokens)
     return grads
 
 

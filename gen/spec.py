@@ -1,6 +1,7 @@
-"""The model spec: a GPT-2's sizes, parsed strictly from TOML and checked in one place.
+"""The model spec: a transformer's sizes and blocks, parsed strictly from TOML and checked in
+one place.
 
-A spec file is flat TOML:
+A spec file is flat TOML: the sizes, and optionally the blocks (the defaults are GPT-2's):
 
     name = "gpt2-124m"
     layers = 12
@@ -9,6 +10,13 @@ A spec file is flat TOML:
     vocab_size = 50257
     padded_vocab_size = 50304   # optional: vocab_size rounded up to a multiple of 128
     max_seq_len = 1024
+    norm = "layernorm"          # or "rmsnorm"
+    norm_eps = 1e-5
+    position = "learned"        # wpe, or "rope" (rotary, with rope_theta = 10000.0)
+    mlp = "gelu"                # or "swiglu", "relu2"; mlp_hidden = 4 * channels
+    kv_heads = 12               # heads (grouped-query attention when fewer; 1: multi-query)
+    bias = true                 # biases in every linear layer and layernorm
+    tie_embeddings = true       # the classifier is wte
 
 Everything derived from these (head size, parameter counts, FLOPs) is computed here or in
 tensors.py (from the tensor list), in Python, never in the templates. from_dict checks every
@@ -20,13 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 import tomllib
 from dataclasses import dataclass
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 
 from . import tensors
+from .enums import Mlp, Norm, Position
 from .errors import LlmgenError
 
 VOCAB_PAD_MULTIPLE = 128
@@ -44,6 +55,21 @@ FIELDS = {
 }
 REQUIRED = ("layers", "heads", "channels", "vocab_size", "max_seq_len")
 INT_KEYS = tuple(k for k in FIELDS if k != "name")
+# The blocks: TOML key -> (dataclass field, kind, description). A kind is an enum (its values
+# are the strings a file gives), int, float or bool. A spec that leaves them out is GPT-2.
+ARCH_FIELDS = {
+    "norm": ("norm", Norm, "layernorm or rmsnorm"),
+    "norm_eps": ("norm_eps", float, "the norms' epsilon"),
+    "position": ("position", Position, "learned (wpe) or rope"),
+    "rope_theta": ("rope_theta", float, "rotary base (with rope)"),
+    "mlp": ("mlp", Mlp, "gelu, swiglu or relu2"),
+    "mlp_hidden": ("mlp_hidden", int, "MLP hidden channels (default 4 * channels)"),
+    "kv_heads": ("kv_heads", int, "key and value heads (grouped-query attention; default heads)"),
+    "bias": ("bias", bool, "biases in every linear layer and layernorm"),
+    "tie_embeddings": ("tie_embeddings", bool, "the classifier is wte"),
+}
+DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA = 1e-5, 10000.0
+
 # The C trainer does its size arithmetic in 32-bit ints: every size, and the element count of
 # every weight matrix (the largest: the embeddings Vp x C and maxT x C, the MLP's 4C x C),
 # must be at most INT32_MAX.
@@ -87,7 +113,7 @@ def _show(value: object, limit: int = 40) -> str:
 
 @dataclass(frozen=True)
 class Spec:
-    name: str = dataclasses.field(compare=False)  # a label: equal specs have equal sizes
+    name: str = dataclasses.field(compare=False)  # a label: equal specs have equal sizes and blocks
     n_layer: int
     n_head: int
     n_embd: int
@@ -95,6 +121,43 @@ class Spec:
     padded_vocab_size: int
     max_seq_len: int
     source: str = dataclasses.field(default="", compare=False)  # where it came from, for messages
+    norm: Norm = Norm.LAYERNORM
+    norm_eps: float = DEFAULT_NORM_EPS
+    position: Position = Position.LEARNED
+    rope_theta: float = DEFAULT_ROPE_THETA
+    mlp: Mlp = Mlp.GELU
+    mlp_hidden: int = 0        # 0: 4 * channels (see mlp_channels)
+    kv_heads: int = 0          # 0: heads (see kv_head_count)
+    bias: bool = True
+    tie_embeddings: bool = True
+
+    # ---- the blocks ----------------------------------------------------------------------
+    @property
+    def is_gpt2(self) -> bool:
+        """GPT-2's blocks (whatever the sizes): what llm.c's files and GPT2LMHeadModel hold."""
+        return self.arch() == {}
+
+    def arch(self) -> dict:
+        """The block keys that differ from GPT-2's, by TOML key (empty for GPT-2)."""
+        out = {}
+        for key, (field, _, _) in ARCH_FIELDS.items():
+            value = getattr(self, field)
+            default = {"mlp_hidden": 4 * self.n_embd, "kv_heads": self.n_head}.get(key, Spec.__dataclass_fields__[field].default)
+            if key in ("mlp_hidden", "kv_heads"):
+                value = self.mlp_channels if key == "mlp_hidden" else self.kv_head_count
+            if key == "rope_theta" and self.position is not Position.ROPE:
+                continue
+            if value != default:
+                out[key] = value
+        return out
+
+    @property
+    def mlp_channels(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
+
+    @property
+    def kv_head_count(self) -> int:
+        return self.kv_heads or self.n_head
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -104,10 +167,11 @@ class Spec:
     @property
     def dims(self) -> dict[str, int]:
         """Symbolic dimension names used by the tensor list, mapped to sizes."""
-        C = self.n_embd
+        C, H, KV = self.n_embd, self.mlp_channels, self.kv_head_count * self.head_size
         return {"L": self.n_layer, "NH": self.n_head, "C": C, "3C": 3 * C, "4C": 4 * C,
                 "V": self.vocab_size, "Vp": self.padded_vocab_size, "maxT": self.max_seq_len,
-                "HS": self.head_size, "CR": self.classifier_rows}
+                "HS": self.head_size, "CR": self.classifier_rows,
+                "KVH": self.kv_head_count, "QKV": C + 2 * KV, "H": H, "2H": 2 * H, "8C": 8 * C}
 
     @property
     def classifier_rows(self) -> int:
@@ -121,20 +185,42 @@ class Spec:
         lines = [f'name = "{self.name}"']
         for key in INT_KEYS:
             lines.append(f"{key} = {getattr(self, FIELDS[key][0])}")
+        for key, value in self.arch().items():
+            lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
-    def with_overrides(self, **overrides: int | None) -> "Spec":
+    def raw(self) -> dict:
+        """The spec as TOML-like data (from_dict gives it back)."""
+        raw = {key: getattr(self, FIELDS[key][0]) for key in FIELDS}
+        raw.update({k: v.value if isinstance(v, Enum) else v for k, v in self.arch().items()})
+        return raw
+
+    def with_overrides(self, **overrides) -> "Spec":
         """A copy with some TOML keys replaced (None means keep); checked again."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         if not changes:
             return self
-        raw = {key: getattr(self, FIELDS[key][0]) for key in FIELDS}
+        raw = self.raw()
         if "vocab_size" in changes and "padded_vocab_size" not in changes:
             raw.pop("padded_vocab_size")  # re-derive the padding for the new vocab
+        if "channels" in changes and "mlp_hidden" not in changes and "mlp_hidden" not in self.arch():
+            raw.pop("mlp_hidden", None)   # 4 * the new channels
+        if "heads" in changes and "kv_heads" not in changes and "kv_heads" not in self.arch():
+            raw.pop("kv_heads", None)
+        if changes.get("position") == Position.LEARNED.value and "rope_theta" not in changes:
+            raw.pop("rope_theta", None)
         raw.update(changes)
-        suffix = ",".join(f"{k}={v}" for k, v in changes.items())
+        suffix = ",".join(f"{k}={v.value if isinstance(v, Enum) else v}" for k, v in changes.items())
         raw["name"] = safe_name(f"{self.name}+{suffix}")
         return from_dict(raw, source=f"{self.source} with {suffix}")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, Enum):
+        return f'"{value.value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
 
 
 def from_dict(raw: dict, source: str) -> Spec:
@@ -144,8 +230,8 @@ def from_dict(raw: dict, source: str) -> Spec:
         return SpecError(f"{where}: {problem}")
 
     for key in raw:
-        if key not in FIELDS:
-            known = ", ".join(FIELDS)
+        if key not in FIELDS and key not in ARCH_FIELDS:
+            known = ", ".join([*FIELDS, *ARCH_FIELDS])
             raise fail(key, f"unknown key (known keys: {known})")
     for key in REQUIRED:
         if key not in raw:
@@ -182,14 +268,82 @@ def from_dict(raw: dict, source: str) -> Spec:
         if elements > INT32_MAX:
             raise fail(key, f"too large: {matrix} = {elements:,} elements exceeds 2**31 - 1 = {INT32_MAX:,}, "
                             "the limit of the trainer's 32-bit int size arithmetic")
+    arch = _arch(raw, fail)
     return Spec(name=name, n_layer=raw["layers"], n_head=raw["heads"], n_embd=raw["channels"],
-                vocab_size=vocab, padded_vocab_size=vp, max_seq_len=raw["max_seq_len"], source=source)
+                vocab_size=vocab, padded_vocab_size=vp, max_seq_len=raw["max_seq_len"], source=source, **arch)
+
+
+def _arch(raw: dict, fail) -> dict:
+    """The block keys of raw, checked: their types, ranges, and the combinations that do not
+    fit (rope_theta without rope, kv_heads not dividing heads, an odd head size with rope)."""
+    arch = {}
+    for key, (field, kind, what) in ARCH_FIELDS.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            if not isinstance(value, str) or value not in kind.values():
+                raise fail(key, f"must be one of {', '.join(repr(v) for v in kind.values())}, got {_show(value)}")
+            value = kind(value)
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise fail(key, f"must be true or false, got {_show(value)}")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise fail(key, f"must be an integer, got {_show(value)} ({type(value).__name__})")
+            if not 0 < value <= INT32_MAX:
+                raise fail(key, f"must be positive and at most 2**31 - 1, got {_show(value)}")
+        else:  # float
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise fail(key, f"must be a number, got {_show(value)} ({type(value).__name__})")
+            value = float(value)
+            if not (value > 0 and math.isfinite(value)):
+                raise fail(key, f"must be a positive finite number, got {_show(value)}")
+        arch[field] = value
+    C, NH = raw["channels"], raw["heads"]
+    if "rope_theta" in arch and arch.get("position", Position.LEARNED) is not Position.ROPE:
+        raise fail("rope_theta", "is given, but position is not \"rope\" (the rotary base applies only to rope)")
+    if arch.get("position") is Position.ROPE and (C // NH) % 2:
+        raise fail("position", f"rope needs an even head size, and channels / heads = {C}/{NH} = {C // NH} is odd")
+    kv = arch.get("kv_heads", NH)
+    if NH % kv:
+        raise fail("kv_heads", f"{kv} does not divide heads {NH} (each key/value head serves a group of query heads)")
+    H = arch.get("mlp_hidden", 4 * C)
+    rows = 2 * H if arch.get("mlp") is Mlp.SWIGLU else H
+    if rows * C > INT32_MAX:
+        raise fail("mlp_hidden", f"too large: {rows} x channels = {rows * C:,} elements exceeds 2**31 - 1")
+    if arch.get("mlp_hidden") == 4 * C:
+        del arch["mlp_hidden"]  # the default: spelled or not, the same spec
+    if arch.get("kv_heads") == NH:
+        del arch["kv_heads"]
+    return arch
+
+
+def describe_blocks(spec: Spec) -> str:
+    """The blocks in words: "GPT-2's (layernorm, learned positions, gelu, biases, tied)", or
+    e.g. "rmsnorm, rope (theta 10000), swiglu (hidden 2048), 4 kv heads, no biases, untied"."""
+    if spec.is_gpt2:
+        return "GPT-2's (layernorm, learned positions, gelu, biases, tied classifier)"
+    parts = [spec.norm.value + (f" (eps {spec.norm_eps:g})" if spec.norm_eps != DEFAULT_NORM_EPS else ""),
+             "learned positions" if spec.position is Position.LEARNED else f"rope (theta {spec.rope_theta:g})",
+             spec.mlp.value + (f" (hidden {spec.mlp_channels})" if spec.mlp_channels != 4 * spec.n_embd else ""),
+             f"{spec.kv_head_count} kv heads" if spec.kv_head_count != spec.n_head else "multi-head",
+             "biases" if spec.bias else "no biases", "tied classifier" if spec.tie_embeddings else "untied classifier"]
+    return ", ".join(parts)
 
 
 def differences(a: Spec, b: Spec) -> str:
-    """The sizes in which two specs differ, as 'layers 2 vs 3, heads 4 vs 6'; empty if none."""
-    return ", ".join(f"{key} {getattr(a, FIELDS[key][0])} vs {getattr(b, FIELDS[key][0])}"
-                     for key in INT_KEYS if getattr(a, FIELDS[key][0]) != getattr(b, FIELDS[key][0]))
+    """The sizes and blocks in which two specs differ, as 'layers 2 vs 3, norm layernorm vs
+    rmsnorm'; empty if none."""
+    ra, rb = a.raw(), b.raw()
+    keys = [k for k in [*INT_KEYS, *ARCH_FIELDS] if k in ra or k in rb]
+    default = {key: Spec.__dataclass_fields__[field].default for key, (field, _, _) in ARCH_FIELDS.items()}
+    default.update(mlp_hidden="4*channels", kv_heads="heads")
+
+    def value(r, k):
+        v = r.get(k, default[k] if k in default else None)
+        return v.value if isinstance(v, Enum) else v
+    return ", ".join(f"{k} {value(ra, k)} vs {value(rb, k)}" for k in keys if value(ra, k) != value(rb, k))
 
 
 TEST_PRESET_PREFIX = "test-"  # presets for the test suite, kept out of the command line's help

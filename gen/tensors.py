@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .enums import Init, Target
+from .enums import Init, Mlp, Norm, Position, Target
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Param:
     init: Init
     decay: bool = False          # AdamW's weight decay applies (the 2-D weight matrices)
     matmul: bool = False         # a matmul weight: 6 FLOPs per element per token (2 forward, 4 backward)
-    hf: str = ""                 # Hugging Face name; "{n}" is the block index
+    hf: tuple[str, ...] = ()     # Hugging Face names ("{n}": the block index), stacked along the rows
     hf_transposed: bool = False  # stored (in, out) there, (out, in) here
 
     @property
@@ -74,39 +74,96 @@ def shape_comment(shape: tuple[str, ...]) -> str:
 
 
 # ---- parameters -----------------------------------------------------------------------
-_GPT2_PARAMS = (
-    Param("wte", ("Vp", "C"), "token embedding; also the output classifier (tied)", Init.NORMAL,
-          decay=True, matmul=True, hf="wte.weight"),
-    Param("wpe", ("maxT", "C"), "position embedding", Init.NORMAL, decay=True, hf="wpe.weight"),
-    Param("ln1w", ("L", "C"), "layernorm 1 scale", Init.ONES, hf="h.{n}.ln_1.weight"),
-    Param("ln1b", ("L", "C"), "layernorm 1 shift", Init.ZEROS, hf="h.{n}.ln_1.bias"),
-    Param("qkvw", ("L", "3C", "C"), "attention q,k,v projection weight", Init.NORMAL, decay=True, matmul=True,
-          hf="h.{n}.attn.c_attn.weight", hf_transposed=True),
-    Param("qkvb", ("L", "3C"), "attention q,k,v projection bias", Init.ZEROS, hf="h.{n}.attn.c_attn.bias"),
-    Param("attprojw", ("L", "C", "C"), "attention output projection weight", Init.RESIDUAL, decay=True,
-          matmul=True, hf="h.{n}.attn.c_proj.weight", hf_transposed=True),
-    Param("attprojb", ("L", "C"), "attention output projection bias", Init.ZEROS, hf="h.{n}.attn.c_proj.bias"),
-    Param("ln2w", ("L", "C"), "layernorm 2 scale", Init.ONES, hf="h.{n}.ln_2.weight"),
-    Param("ln2b", ("L", "C"), "layernorm 2 shift", Init.ZEROS, hf="h.{n}.ln_2.bias"),
-    Param("fcw", ("L", "4C", "C"), "MLP up projection weight", Init.NORMAL, decay=True, matmul=True,
-          hf="h.{n}.mlp.c_fc.weight", hf_transposed=True),
-    Param("fcb", ("L", "4C"), "MLP up projection bias", Init.ZEROS, hf="h.{n}.mlp.c_fc.bias"),
-    Param("fcprojw", ("L", "C", "4C"), "MLP down projection weight", Init.RESIDUAL, decay=True, matmul=True,
-          hf="h.{n}.mlp.c_proj.weight", hf_transposed=True),
-    Param("fcprojb", ("L", "C"), "MLP down projection bias", Init.ZEROS, hf="h.{n}.mlp.c_proj.bias"),
-    Param("lnfw", ("C",), "final layernorm scale", Init.ONES, hf="ln_f.weight"),
-    Param("lnfb", ("C",), "final layernorm shift", Init.ZEROS, hf="ln_f.bias"),
-)
+def _gpt2_hf(name: str) -> tuple[str, ...]:
+    return (name,)
+
+
+def _llama_hf(*names: str) -> tuple[str, ...]:
+    return tuple(f"model.layers.{{n}}.{n}" if not n.startswith(("model.", "lm_head")) else n for n in names)
+
+
+def hf_family(spec) -> str | None:
+    """The Hugging Face architecture whose layout holds the spec's tensors: "gpt2"
+    (GPT2LMHeadModel) for GPT-2's blocks, "llama" (LlamaForCausalLM) for RMSNorm, rotary
+    positions and SwiGLU, or None when neither does."""
+    if spec.is_gpt2:
+        return "gpt2"
+    if spec.norm is Norm.RMSNORM and spec.position is Position.ROPE and spec.mlp is Mlp.SWIGLU:
+        return "llama"
+    return None
+
+
+def parameters(spec) -> tuple[Param, ...]:
+    """The parameter tensors of the spec's model, in checkpoint order (llm.c's for GPT-2; a
+    variant leaves out what it does not have and adds an untied classifier at the end)."""
+    gpt2 = hf_family(spec) == "gpt2"
+    llama = hf_family(spec) == "llama"
+
+    def hf(gpt2_name: str, *llama_names: str) -> tuple[str, ...]:
+        return _gpt2_hf(gpt2_name) if gpt2 else _llama_hf(*llama_names) if llama else ()
+    layernorm = spec.norm is Norm.LAYERNORM
+    norm = "layernorm" if layernorm else "rmsnorm"
+    norm_bias = layernorm and spec.bias
+    qkv = "3C" if spec.kv_head_count == spec.n_head else "QKV"
+    hidden = "4C" if spec.mlp_channels == 4 * spec.n_embd else "H"
+    fc_rows = ("2" + hidden if hidden == "H" else "8C") if spec.mlp is Mlp.SWIGLU else hidden
+    tied = spec.tie_embeddings
+    P = Param
+    out = [P("wte", ("Vp", "C"), "token embedding; also the output classifier (tied)" if tied else "token embedding",
+             Init.NORMAL, decay=True, matmul=tied, hf=hf("wte.weight", "model.embed_tokens.weight"))]
+    if spec.position is Position.LEARNED:
+        out.append(P("wpe", ("maxT", "C"), "position embedding", Init.NORMAL, decay=True, hf=hf("wpe.weight")))
+    out.append(P("ln1w", ("L", "C"), f"{norm} 1 scale", Init.ONES, hf=hf("h.{n}.ln_1.weight", "input_layernorm.weight")))
+    if norm_bias:
+        out.append(P("ln1b", ("L", "C"), f"{norm} 1 shift", Init.ZEROS, hf=hf("h.{n}.ln_1.bias")))
+    out.append(P("qkvw", ("L", qkv, "C"), "attention q,k,v projection weight" if qkv == "3C" else
+                 "attention q,k,v projection weight: q (C rows), then k and v (KV_HEADS * HS rows each)",
+                 Init.NORMAL, decay=True, matmul=True,
+                 hf=hf("h.{n}.attn.c_attn.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                       "self_attn.v_proj.weight"), hf_transposed=gpt2))
+    if spec.bias:
+        out.append(P("qkvb", ("L", qkv), "attention q,k,v projection bias", Init.ZEROS,
+                     hf=hf("h.{n}.attn.c_attn.bias", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                           "self_attn.v_proj.bias")))
+    out.append(P("attprojw", ("L", "C", "C"), "attention output projection weight", Init.RESIDUAL, decay=True,
+                 matmul=True, hf=hf("h.{n}.attn.c_proj.weight", "self_attn.o_proj.weight"), hf_transposed=gpt2))
+    if spec.bias:
+        out.append(P("attprojb", ("L", "C"), "attention output projection bias", Init.ZEROS,
+                     hf=hf("h.{n}.attn.c_proj.bias", "self_attn.o_proj.bias")))
+    out.append(P("ln2w", ("L", "C"), f"{norm} 2 scale", Init.ONES,
+                 hf=hf("h.{n}.ln_2.weight", "post_attention_layernorm.weight")))
+    if norm_bias:
+        out.append(P("ln2b", ("L", "C"), f"{norm} 2 shift", Init.ZEROS, hf=hf("h.{n}.ln_2.bias")))
+    swiglu = spec.mlp is Mlp.SWIGLU
+    out.append(P("fcw", ("L", fc_rows, "C"), "MLP up projection weight" if not swiglu else
+                 "MLP gate and up projection weights, the gate's rows first", Init.NORMAL, decay=True, matmul=True,
+                 hf=hf("h.{n}.mlp.c_fc.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"), hf_transposed=gpt2))
+    if spec.bias:
+        out.append(P("fcb", ("L", fc_rows), "MLP up projection bias" if not swiglu else
+                     "MLP gate and up projection biases", Init.ZEROS,
+                     hf=hf("h.{n}.mlp.c_fc.bias", "mlp.gate_proj.bias", "mlp.up_proj.bias")))
+    out.append(P("fcprojw", ("L", "C", hidden), "MLP down projection weight", Init.RESIDUAL, decay=True, matmul=True,
+                 hf=hf("h.{n}.mlp.c_proj.weight", "mlp.down_proj.weight"), hf_transposed=gpt2))
+    if spec.bias:
+        out.append(P("fcprojb", ("L", "C"), "MLP down projection bias", Init.ZEROS,
+                     hf=hf("h.{n}.mlp.c_proj.bias", "mlp.down_proj.bias")))
+    out.append(P("lnfw", ("C",), f"final {norm} scale", Init.ONES, hf=hf("ln_f.weight", "model.norm.weight")))
+    if norm_bias:
+        out.append(P("lnfb", ("C",), f"final {norm} shift", Init.ZEROS, hf=hf("ln_f.bias")))
+    if not tied:
+        out.append(P("lm_head", ("Vp", "C"), "output classifier (untied)", Init.NORMAL, decay=True, matmul=True,
+                     hf=hf("", "lm_head.weight")))
+    return tuple(out)
 
 
 def gpt2_parameters() -> tuple[Param, ...]:
     """GPT-2's parameter tensors (those of every spec with GPT-2's blocks), in checkpoint order."""
-    return _GPT2_PARAMS
-
-
-def parameters(spec) -> tuple[Param, ...]:
-    """The parameter tensors of the spec's model, in checkpoint order."""
-    return gpt2_parameters()
+    class _GPT2:  # the blocks of any GPT-2 spec; the sizes do not matter for the list
+        is_gpt2 = True
+        norm, position, mlp, bias, tie_embeddings = Norm.LAYERNORM, Position.LEARNED, Mlp.GELU, True, True
+        n_head = kv_head_count = 1
+        n_embd, mlp_channels = 1, 4
+    return parameters(_GPT2())
 
 
 # ---- activations ----------------------------------------------------------------------
@@ -159,9 +216,45 @@ def _cuda_acts() -> tuple[Act, ...]:
 _CUDA_ACTS = _cuda_acts()
 
 
+def activation_name(spec) -> str:
+    """The MLP's hidden activation: fch_gelu, fch_swiglu or fch_relu2."""
+    return f"fch_{spec.mlp.value}"
+
+
 def activations(spec, target: Target = Target.C) -> tuple[Act, ...]:
-    """The activation tensors of the C or the CUDA trainer, in buffer order."""
-    return _CUDA_ACTS if target is Target.CUDA else _C_ACTS
+    """The activation tensors of the C or the CUDA trainer, in buffer order (the CUDA trainer
+    computes GPT-2's blocks only)."""
+    if target is Target.CUDA:
+        return _CUDA_ACTS
+    if spec is None or spec.is_gpt2:
+        return _C_ACTS
+    layernorm = spec.norm is Norm.LAYERNORM
+    qkv = "3C" if spec.kv_head_count == spec.n_head else "QKV"
+    hidden = "4C" if spec.mlp_channels == 4 * spec.n_embd else "H"
+    fc_rows = ("2" + hidden if hidden == "H" else "8C") if spec.mlp is Mlp.SWIGLU else hidden
+    norm = "layernorm" if layernorm else "rmsnorm"
+    out = []
+    for a in _C_ACTS:
+        if a.name.endswith("_mean") and not layernorm:
+            continue  # rmsnorm has no mean
+        if a.name.startswith(("ln1", "ln2", "lnf")):
+            a = Act(a.name, a.shape, a.doc.replace("layernorm", norm), a.grad, a.fp32)
+        if a.name == "encoded" and spec.position is Position.ROPE:
+            a = Act("encoded", a.shape, "token embedding (positions enter by rotating q and k)")
+        if a.name == "qkv":
+            doc = "q, k, v for every position" + (", q and k rotated by position" if spec.position is Position.ROPE else "")
+            if qkv == "QKV":
+                doc += ": q (C), then k and v (KV_HEADS * HS each)"
+            a = Act("qkv", ("L", "B", "T", qkv), doc)
+        if a.name == "fch":
+            a = Act("fch", ("L", "B", "T", fc_rows), "MLP hidden pre-activation" if spec.mlp is not Mlp.SWIGLU
+                    else "MLP gate and up projections, side by side")
+        if a.name == "fch_gelu":
+            a = Act(activation_name(spec), ("L", "B", "T", hidden), {
+                Mlp.GELU: "MLP hidden after GELU", Mlp.SWIGLU: "MLP hidden: silu(gate) * up",
+                Mlp.RELU2: "MLP hidden after ReLU squared"}[spec.mlp])
+        out.append(a)
+    return tuple(out)
 
 
 # ---- counts and views -----------------------------------------------------------------
