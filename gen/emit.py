@@ -7,6 +7,7 @@ template aligns anything by hand.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -14,11 +15,11 @@ import jinja2
 
 from . import __version__
 from .cformat import format_c, format_make
-from .enums import Init, Matmul, Precision, Target
+from .enums import Init, Matmul, Mlp, Norm, Position, Precision, Target
 from .errors import LlmgenError
 from .fileio import write_atomic
-from .spec import Spec
-from .tensors import Act, Param, activations, num_params, parameters, shape_comment
+from .spec import Spec, describe_blocks
+from .tensors import Act, Param, activation_name, activations, num_params, parameters, shape_comment
 
 # Symbolic dimension -> C expression, for sizes that depend on B and T at run time.
 C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNELS", "HS": "HEAD_SIZE",
@@ -26,8 +27,10 @@ C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNE
           "maxT": "MAX_SEQ_LEN", "CR": "classifier_rows(B, T)", "KVH": "KV_HEADS", "QKV": "QKV_CHANNELS",
           "H": "MLP_HIDDEN", "2H": "2 * MLP_HIDDEN", "8C": "8 * CHANNELS"}
 
-# The layer templates under templates/layers/, in the order they appear in the file.
-LAYERS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier")
+def layers(spec: Spec) -> tuple[str, ...]:
+    """The layer templates under templates/layers/ that the spec uses, in file order."""
+    return ("encoder", spec.norm.value, *(("rope",) if spec.position is Position.ROPE else ()), "matmul",
+            "attention", spec.mlp.value, "residual", "classifier")
 # The CUDA kernel templates under templates/cuda/layers/, in file order.
 CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "matmul", "attention", "residual",
                "classifier", "adamw", "norm")
@@ -129,6 +132,26 @@ def attention_sizes(spec: Spec) -> dict:
             "bq_doc": "4 register tiles of 12 rows, 8 of 6", "bk_doc": "3 tiles of 32 columns, 6 of 16; 8 or 16 rows"}
 
 
+def c_literal(x: float, suffix: str = "f") -> str:
+    """The shortest C literal of a float that reads back as it: 1e-5 -> 1e-5f, 10000.0 -> 10000.0f."""
+    text = repr(float(x))
+    text = re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), text)
+    return text + suffix
+
+
+def _arch_header(spec: Spec) -> list[dict]:
+    """A variant checkpoint's header slots 8 to 19 (fileio.ARCH_SLOTS), with what each holds."""
+    if spec.is_gpt2:
+        return []
+    from .fileio import model_header
+    values = [int(v) for v in model_header(spec)[8:20]]
+    docs = ["the layout of these slots", f"norm: {spec.norm.value}", f"position: {spec.position.value}",
+            f"mlp: {spec.mlp.value}", "mlp_hidden", "kv_heads", "bias", "tie_embeddings",
+            f"norm_eps {spec.norm_eps!r} as a float64: its low half", "its high half",
+            f"rope_theta {spec.rope_theta!r} as a float64: its low half", "its high half"]
+    return [{"index": 8 + i, "value": v, "doc": d} for i, (v, d) in enumerate(zip(values, docs))]
+
+
 def _common_context(spec: Spec, program: str) -> dict:
     params = parameters(spec)
     constants = [
@@ -140,6 +163,17 @@ def _common_context(spec: Spec, program: str) -> dict:
         ("PADDED_VOCAB_SIZE", spec.padded_vocab_size, "Vp: vocabulary padded for speed; rows past V are unused"),
         ("MAX_SEQ_LEN", spec.max_seq_len, "maxT: longest sequence"),
     ]
+    if not spec.is_gpt2:
+        KV = spec.kv_head_count * spec.head_size
+        constants.append(("KV_HEADS", spec.kv_head_count, "key/value heads" + (
+            ": each serves NUM_HEADS / KV_HEADS query heads" if spec.kv_head_count != spec.n_head else
+            " (as many as the query heads)")))
+        if spec.kv_head_count != spec.n_head:
+            constants.append(("QKV_CHANNELS", spec.n_embd + 2 * KV, "QKV = C + 2 * KV_HEADS * HS: a row of q, k, v"))
+        if spec.mlp_channels != 4 * spec.n_embd:
+            constants.append(("MLP_HIDDEN", spec.mlp_channels, "H: the MLP's hidden channels"))
+        if spec.position is Position.ROPE:
+            constants.append(("ROPE_THETA", c_literal(spec.rope_theta, ""), "the rotary angles' base"))
     return {
         "version": __version__,
         "origin": origin(spec),
@@ -150,6 +184,10 @@ def _common_context(spec: Spec, program: str) -> dict:
         "layer_params": [_param(p, spec) for p in params if p.per_layer],
         "constants": [{"name": n, "value": v, "doc": d} for n, v, d in constants],
         "eot_token": spec.vocab_size - 1,
+        "gpt2": spec.is_gpt2,
+        "arch_header": _arch_header(spec),
+        "blocks": describe_blocks(spec),
+        "model_kind": "GPT-2" if spec.is_gpt2 else "transformer",
     }
 
 
@@ -157,12 +195,30 @@ def c_context(spec: Spec) -> dict:
     """What the C trainer's templates print."""
     ctx = _common_context(spec, "train_gpt2")
     acts = [_act(a) for a in activations(spec, Target.C)]
+    gqa = spec.kv_head_count != spec.n_head
+    hidden = "4 * C" if spec.mlp_channels == 4 * spec.n_embd else "MLP_HIDDEN"
     ctx.update({
         "target": "c",
         "bf16": False,
         "acts": acts,
         "layer_acts": [a for a in acts if a["per_layer"]],
-        "layers": LAYERS,
+        "layers": layers(spec),
+        "norm": spec.norm.value,
+        "norm_bias": spec.norm is Norm.LAYERNORM and spec.bias,
+        "norm_eps_c": c_literal(spec.norm_eps),
+        "norm_eps_text": c_literal(spec.norm_eps, ""),
+        "bias": spec.bias,
+        "learned_positions": spec.position is Position.LEARNED,
+        "rope": spec.position is Position.ROPE,
+        "mlp": spec.mlp.value,
+        "act": activation_name(spec),
+        "gqa": gqa,
+        "classifier": "wte" if spec.tie_embeddings else "lm_head",
+        "qkv_stride": "QKV_CHANNELS" if gqa else "3 * C",
+        "qkv_stride_c": "QKV_CHANNELS" if gqa else "3 * CHANNELS",
+        "qkv_dim": "QKV" if gqa else "3C",
+        "hidden_c": hidden,
+        "fc_oc": (f"2 * {hidden}" if hidden == "MLP_HIDDEN" else "8 * C") if spec.mlp is Mlp.SWIGLU else hidden,
         "gemm": gemm_sizes(spec),
         "attention": attention_sizes(spec),
         "model_version": 3,
@@ -239,6 +295,10 @@ def render(spec: Spec, target: Target | str = Target.C, precision: Precision | s
         files.update((name, _render(env, name, ctx)) for name in ("train_gpt2.c", "test_gpt2.c", "bench_gpt2.c"))
         make_parts.append(("make/c.mk", ctx))
     if target.cuda:
+        if not spec.is_gpt2:
+            keys = ", ".join(f"{k} = {v.value if hasattr(v, 'value') else v}" for k, v in spec.arch().items())
+            raise LlmgenError(f"{spec.source or spec.name}: --target {target.value}: the CUDA trainer computes GPT-2's "
+                              f"blocks only, and this spec sets {keys} (the C trainer computes them: --target c)")
         cctx = cuda_context(spec, precision, matmul)
         files.update((name, _render(env, "cuda/" + name, cctx)) for name in ("train_gpt2.cu", "test_gpt2.cu"))
         make_parts.append(("make/cuda.mk", cctx))

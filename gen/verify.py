@@ -200,7 +200,8 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
         if t.name == "qkvb":
             # The key bias's gradient is exactly zero (softmax ignores a shift shared by a
             # row of scores), so AdamW turns float rounding noise into updates there.
-            cp, rp = np.delete(cp, np.s_[C:2 * C], axis=-1), np.delete(rp, np.s_[C:2 * C], axis=-1)
+            KV = spec.kv_head_count * spec.head_size
+            cp, rp = np.delete(cp, np.s_[C:C + KV], axis=-1), np.delete(rp, np.s_[C:C + KV], axis=-1)
             name += " (key bias excluded)"
         rows.append(Row(name, rel_error(cp, rp), tol["params"]))
     return rows

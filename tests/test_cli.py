@@ -69,10 +69,11 @@ def test_every_option_has_help_and_presets_are_listed_by_size_without_the_test_o
             if isinstance(param, click.Option) and param.name != "help":
                 assert param.help, f"{cmd.name} {param.opts}"
     spec_help = next(p.help for p in cli.commands["info"].params if p.name == "spec_name")
-    assert "gpt2-tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1558m" in spec_help and "test-" not in spec_help
+    by_size = ["gpt2-tiny", "llama-tiny", "llama-124m", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"]
+    assert ", ".join(by_size) in spec_help and "test-" not in spec_help
     listed = llmgen("presets").stdout.splitlines()
-    assert [line.split()[0] for line in listed[:5]] == ["gpt2-tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"]
-    assert listed[5] == "for tests:" and {line.split()[0] for line in listed[6:]} == {"test-tiny", "test-odd"}
+    assert [line.split()[0] for line in listed[:7]] == by_size
+    assert listed[7] == "for tests:" and {line.split()[0] for line in listed[8:]} == {"test-tiny", "test-odd"}
 
 
 @pytest.mark.parametrize("args, message", [

@@ -13,7 +13,7 @@ from llmgen import spec as specs
 from llmgen.fileio import read_model_spec, write_model
 from llmgen.tensors import num_params, parameters
 
-from conftest import llmgen
+from conftest import llmgen, tiny_data  # noqa: F401 (a fixture)
 from test_reference import check_gradients, random_batch
 
 # 3 layers... kept at 2 for speed in the reference; 6 heads of 8 channels, a vocab of 97, an MLP
@@ -148,3 +148,54 @@ def test_whole_models_against_finite_differences(keys):
     spec = variant(**keys)
     tokens, targets = random_batch(spec, B=2, T=7, seed=3)
     check_gradients(spec, tokens, targets, seed=4, per_tensor=4)
+
+
+# ---- the emitted C trainer against the reference ---------------------------------------------
+# 3 layers, 6 heads of 8 channels with 2 and with 1 key/value heads, an MLP width that is no
+# multiple of any tile, T = 13, a vocab of 97 (padded to 128)
+C_BASE = dict(BASE, layers=3, max_seq_len=24)
+C_GRID = [dict(LLAMA), dict(LLAMA, kv_heads=1, bias=True), dict(LLAMA, mlp="relu2", tie_embeddings=True),
+          {"norm": "rmsnorm"}, {"position": "rope", "rope_theta": 50.0}, {"mlp": "swiglu", "bias": False},
+          {"kv_heads": 3}, {"mlp": "relu2", "tie_embeddings": False, "norm_eps": 1e-3}, {"bias": False}]
+
+
+@pytest.mark.parametrize("keys", C_GRID, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_verify_passes_for_every_variant(tmp_path, keys):
+    from llmgen.verify import verify
+    spec = specs.from_dict({**C_BASE, **keys}, "test")
+    rows = verify(spec, B=2, T=13, steps=3, build_dir=tmp_path)
+    bad = [r for r in rows if not r.ok]
+    assert not bad, bad
+    assert len(rows) == 2 + 2 * len(parameters(spec)) + 2
+
+
+def test_cuda_refuses_the_blocks_it_does_not_compute(tmp_path):
+    result = llmgen("emit", "--spec", "llama-tiny", "--target", "cuda", "-o", tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the CUDA trainer computes GPT-2's blocks only" in result.stderr and "norm = rmsnorm" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_variant_trains_checkpoints_resumes_and_samples(tmp_path, tiny_data):
+    """Every feature of the trainer works for a Llama-style spec: losses fall, a checkpoint
+    (version 13) resumes exactly, and it samples."""
+    from llmgen.emit import emit, make
+    from conftest import run_trainer, step_losses
+    from llmgen import trainer_output
+    spec = specs.from_dict({"name": "tiny-llama", "layers": 2, "heads": 4, "channels": 32, "vocab_size": 64,
+                            "max_seq_len": 32, **LLAMA}, "test")
+    emit(spec, tmp_path / "trainer")
+    exe = make(tmp_path / "trainer")
+    data = ["-i", tiny_data / "train_*.bin", "-j", tiny_data / "val_*.bin", "-b", 4, "-t", 16, "-l", 3e-3,
+            "-v", 1000, "-s", 6, "-g", 8, "-d", 128]
+    full = run_trainer(exe, *data, "-x", 6, "-o", tmp_path / "full")
+    run_trainer(exe, *data, "-x", 6, "-n", 3, "-o", tmp_path / "part", "-s", 0)
+    (tmp_path / "part" / "DONE_00000006").unlink()
+    resumed = run_trainer(exe, *data, "-x", 6, "-y", 1, "-o", tmp_path / "part")
+    a, b = step_losses(full.stdout), step_losses(resumed.stdout)
+    assert "resuming from step 3" in resumed.stdout and all(a[s] == b[s] for s in (4, 5, 6)), (a, b)
+    assert a[6] < a[1]
+    spec_back, version = read_model_spec(tmp_path / "full" / "model_00000006.bin") if (
+        tmp_path / "full" / "model_00000006.bin").exists() else read_model_spec(tmp_path / "part" / "model_00000003.bin")
+    assert version == 13 and spec_back == spec
+    assert len(trainer_output.samples(full.stdout)[0].split()) == 8

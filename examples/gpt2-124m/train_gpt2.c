@@ -553,79 +553,94 @@ static void attention_forward(float* out, float* lse, // (B,T,C), (B,NH,T)
     }
 }
 
-// Backward, one head at a time (in parallel: heads write disjoint channels of dqkv). With
-// delta[t] = dout[t] . out[t], for each block of keys and each block of queries that sees it:
+// The backward's work on one block of keys [k0, k0+nk) of one head, over every block of
+// queries that sees it (q, dy, dq, lse and delta are the head's; k and v its key/value head's):
 //   p = exp(s - lse)                    (the forward's weights, recomputed)
 //   dv += p^T @ dout                    dp = dout @ v^T
 //   ds = p * (dp - delta) / sqrt(HS)    (the softmax's Jacobian applied to dp; delta[t] is
-//                                        sum over t2 of p[t,t2] dp[t,t2])
+//                                        sum over t2 of p[t,t2] dp[t,t2] = dout[t] . out[t])
 //   dq += ds @ k                        dk += ds^T @ q
-// dk and dv of a key block are summed over its query blocks before they are written; dq adds
-// up over the key blocks in place.
+// p and dp are (ATT_BQ,ATT_BK) scratch; dk and dv (nk,HS) add up across calls.
+static void attention_backward_keys(float* dq, float* dk, float* dv,                // (T,HS) rows 3C apart, (nk,HS), (nk,HS)
+                                    const float* q, const float* k, const float* v, // (T,HS) rows 3C apart
+                                    const float* dy,                                // (T,HS) rows C apart
+                                    const float* lse, const float* delta,           // (T), (T)
+                                    int k0, int nk, int T, int C,
+                                    float* p, float* dp, float* a_pack, float* b_pack) {
+    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    for (int q0 = k0 / ATT_BQ * ATT_BQ; q0 < T; q0 += ATT_BQ) {  // the queries that see these keys
+        int nq = T - q0 < ATT_BQ ? T - q0 : ATT_BQ;
+        // p (nq,nk) = exp(q[q0:] @ k[k0:]^T / sqrt(HS) - lse), 0 where masked
+        gemm_serial(p, ATT_BK, 1, q + (size_t)q0 * 3 * C, 3 * C, 1, k + (size_t)k0 * 3 * C, 1, 3 * C,
+                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
+        for (int r = 0; r < nq; r++) {
+            float* row = p + (size_t)r * ATT_BK;
+            int visible = q0 + r - k0 + 1 < nk ? q0 + r - k0 + 1 : nk;
+            for (int j = 0; j < visible; j++) { row[j] = expf(row[j] * scale - lse[q0 + r]); }
+            for (int j = visible < 0 ? 0 : visible; j < nk; j++) { row[j] = 0.0f; }
+        }
+        // dv (nk,HS) += p^T @ dout[q0:];  dp (nq,nk) = dout[q0:] @ v[k0:]^T
+        gemm_serial(dv, HEAD_SIZE, 1, p, 1, ATT_BK, dy + (size_t)q0 * C, C, 1, nk, HEAD_SIZE, nq, 1, a_pack, b_pack);
+        gemm_serial(dp, ATT_BK, 1, dy + (size_t)q0 * C, C, 1, v + (size_t)k0 * 3 * C, 1, 3 * C,
+                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
+        for (int r = 0; r < nq; r++) {  // ds, in place of p
+            float* row = p + (size_t)r * ATT_BK;
+            const float* dp_row = dp + (size_t)r * ATT_BK;
+            for (int j = 0; j < nk; j++) { row[j] = row[j] * (dp_row[j] - delta[q0 + r]) * scale; }
+        }
+        // dq[q0:] (nq,HS) += ds @ k[k0:];  dk (nk,HS) += ds^T @ q[q0:]
+        gemm_serial(dq + (size_t)q0 * 3 * C, 3 * C, 1, p, ATT_BK, 1, k + (size_t)k0 * 3 * C, 3 * C, 1,
+                    nq, HEAD_SIZE, nk, 1, a_pack, b_pack);
+        gemm_serial(dk, HEAD_SIZE, 1, p, 1, ATT_BK, q + (size_t)q0 * 3 * C, 3 * C, 1, nk, HEAD_SIZE, nq, 1, a_pack, b_pack);
+    }
+}
+
+// Backward: first delta[t] = dout[t] . out[t] for every head and query, and dq set to zero;
+// then one head at a time (in parallel: heads write disjoint channels of dqkv), its key blocks
+// one by one, dk and dv summed over the query blocks before they are written.
 static void attention_backward(float* dqkv,                        // (B,T,3C)
                                const float* dout,                  // (B,T,C)
                                const float* qkv, const float* out, // (B,T,3C), (B,T,C)
                                const float* lse,                   // (B,NH,T)
                                int B, int T, int C, int NH) {
-    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    float* delta = malloc_check((size_t)B * NH * T * sizeof(float));  // (B,NH,T)
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                const float* dy = dout + ((size_t)b * T + t) * C + h * HEAD_SIZE;
+                const float* y = out + ((size_t)b * T + t) * C + h * HEAD_SIZE;
+                float d = 0.0f;
+                for (int i = 0; i < HEAD_SIZE; i++) { d += dy[i] * y[i]; }
+                delta[((size_t)b * NH + h) * T + t] = d;
+                memset(dqkv + ((size_t)b * T + t) * 3 * C + h * HEAD_SIZE, 0, HEAD_SIZE * sizeof(float));
+            }
+        }
+    }
     #pragma omp parallel
     {
         float* p = malloc_check((size_t)ATT_BQ * ATT_BK * sizeof(float));   // p, then ds
         float* dp = malloc_check((size_t)ATT_BQ * ATT_BK * sizeof(float));
         float* dk = malloc_check((size_t)ATT_BK * HEAD_SIZE * sizeof(float));
         float* dv = malloc_check((size_t)ATT_BK * HEAD_SIZE * sizeof(float));
-        float* delta = malloc_check((size_t)T * sizeof(float));
         float* a_pack = malloc_check(ATT_PACK_A * sizeof(float));
         float* b_pack = malloc_check(ATT_PACK_B * sizeof(float));
         #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
-                const float* q = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;  // row t at q + t * 3C
-                const float* k = q + C, * v = q + 2 * C;
-                const float* dy = dout + (size_t)b * T * C + h * HEAD_SIZE; // row t at dy + t * C
-                float* dq = dqkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;   // the same layout as q
-                const float* lse_bh = lse + ((size_t)b * NH + h) * T;
-                for (int t = 0; t < T; t++) {
-                    const float* y = out + ((size_t)b * T + t) * C + h * HEAD_SIZE;
-                    float d = 0.0f;
-                    for (int i = 0; i < HEAD_SIZE; i++) { d += dy[(size_t)t * C + i] * y[i]; }
-                    delta[t] = d;
-                    memset(dq + (size_t)t * 3 * C, 0, HEAD_SIZE * sizeof(float));
-                }
+                const float* q = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE; // row t at q + t * 3C
+                float* dq = dqkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;     // the same layout as q
+                float* dk_out = dq + C, * dv_out = dq + 2 * C;
+                size_t bh = ((size_t)b * NH + h) * T;
                 for (int k0 = 0; k0 < T; k0 += ATT_BK) {
                     int nk = T - k0 < ATT_BK ? T - k0 : ATT_BK;
                     memset(dk, 0, (size_t)ATT_BK * HEAD_SIZE * sizeof(float));
                     memset(dv, 0, (size_t)ATT_BK * HEAD_SIZE * sizeof(float));
-                    for (int q0 = k0 / ATT_BQ * ATT_BQ; q0 < T; q0 += ATT_BQ) {  // the queries that see these keys
-                        int nq = T - q0 < ATT_BQ ? T - q0 : ATT_BQ;
-                        // p (nq,nk) = exp(q[q0:] @ k[k0:]^T / sqrt(HS) - lse), 0 where masked
-                        gemm_serial(p, ATT_BK, 1, q + (size_t)q0 * 3 * C, 3 * C, 1, k + (size_t)k0 * 3 * C, 1, 3 * C,
-                                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
-                        for (int r = 0; r < nq; r++) {
-                            float* row = p + (size_t)r * ATT_BK;
-                            int visible = q0 + r - k0 + 1 < nk ? q0 + r - k0 + 1 : nk;
-                            for (int j = 0; j < visible; j++) { row[j] = expf(row[j] * scale - lse_bh[q0 + r]); }
-                            for (int j = visible < 0 ? 0 : visible; j < nk; j++) { row[j] = 0.0f; }
-                        }
-                        // dv (nk,HS) += p^T @ dout[q0:];  dp (nq,nk) = dout[q0:] @ v[k0:]^T
-                        gemm_serial(dv, HEAD_SIZE, 1, p, 1, ATT_BK, dy + (size_t)q0 * C, C, 1,
-                                    nk, HEAD_SIZE, nq, 1, a_pack, b_pack);
-                        gemm_serial(dp, ATT_BK, 1, dy + (size_t)q0 * C, C, 1, v + (size_t)k0 * 3 * C, 1, 3 * C,
-                                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
-                        for (int r = 0; r < nq; r++) {  // ds, in place of p
-                            float* row = p + (size_t)r * ATT_BK;
-                            const float* dp_row = dp + (size_t)r * ATT_BK;
-                            for (int j = 0; j < nk; j++) { row[j] = row[j] * (dp_row[j] - delta[q0 + r]) * scale; }
-                        }
-                        // dq[q0:] (nq,HS) += ds @ k[k0:];  dk (nk,HS) += ds^T @ q[q0:]
-                        gemm_serial(dq + (size_t)q0 * 3 * C, 3 * C, 1, p, ATT_BK, 1, k + (size_t)k0 * 3 * C, 3 * C, 1,
-                                    nq, HEAD_SIZE, nk, 1, a_pack, b_pack);
-                        gemm_serial(dk, HEAD_SIZE, 1, p, 1, ATT_BK, q + (size_t)q0 * 3 * C, 3 * C, 1,
-                                    nk, HEAD_SIZE, nq, 1, a_pack, b_pack);
-                    }
+                    attention_backward_keys(dq, dk, dv, q, q + C, q + 2 * C, dout + (size_t)b * T * C + h * HEAD_SIZE,
+                                            lse + bh, delta + bh, k0, nk, T, C, p, dp, a_pack, b_pack);
                     for (int j = 0; j < nk; j++) {
-                        memcpy(dq + (size_t)(k0 + j) * 3 * C + C, dk + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
-                        memcpy(dq + (size_t)(k0 + j) * 3 * C + 2 * C, dv + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
+                        memcpy(dk_out + (size_t)(k0 + j) * 3 * C, dk + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
+                        memcpy(dv_out + (size_t)(k0 + j) * 3 * C, dv + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
                     }
                 }
             }
@@ -634,10 +649,10 @@ static void attention_backward(float* dqkv,                        // (B,T,3C)
         free(dp);
         free(dk);
         free(dv);
-        free(delta);
         free(a_pack);
         free(b_pack);
     }
+    free(delta);
 }
 
 // GELU, tanh approximation (as in GPT-2):
@@ -1223,15 +1238,13 @@ static void gpt2_backward(GPT2* model, const int* targets, float dloss, int B, i
         matmul_backward(dla.fch_gelu, dlp.fcprojw, dlp.fcprojb, dla.residual3, la.fch_gelu, lp.fcprojw, BT, 4 * C, C);
         gelu_backward(dla.fch, la.fch, dla.fch_gelu, BT * 4 * C);
         matmul_backward(dla.ln2, dlp.fcw, dlp.fcb, dla.fch, la.ln2, lp.fcw, BT, C, 4 * C);
-        layernorm_backward(dla.residual2, dlp.ln2w, dlp.ln2b, dla.ln2, la.residual2, lp.ln2w, la.ln2_mean, la.ln2_rstd,
-                           BT, C);  // adds into dresidual2
+        layernorm_backward(dla.residual2, dlp.ln2w, dlp.ln2b, dla.ln2, la.residual2, lp.ln2w, la.ln2_mean, la.ln2_rstd, BT, C);  // adds into dresidual2
         // attention: residual2 = residual + attproj(attention(qkv(ln1(residual))))
         residual_backward(dresidual, dla.residual2, BT * C);
         matmul_backward(dla.atty, dlp.attprojw, dlp.attprojb, dla.residual2, la.atty, lp.attprojw, BT, C, C);
         attention_backward(dla.qkv, dla.atty, la.qkv, la.atty, la.att_lse, B, T, C, NUM_HEADS);
         matmul_backward(dla.ln1, dlp.qkvw, dlp.qkvb, dla.qkv, la.ln1, lp.qkvw, BT, C, 3 * C);
-        layernorm_backward(dresidual, dlp.ln1w, dlp.ln1b, dla.ln1, residual, lp.ln1w, la.ln1_mean, la.ln1_rstd,
-                           BT, C);  // adds into dresidual
+        layernorm_backward(dresidual, dlp.ln1w, dlp.ln1b, dla.ln1, residual, lp.ln1w, la.ln1_mean, la.ln1_rstd, BT, C);  // adds into dresidual
     }
     encoder_backward(g.wte, g.wpe, ga.encoded, model->inputs, B, T, C);
 }
