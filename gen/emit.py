@@ -163,11 +163,11 @@ def _common_context(spec: Spec, program: str) -> dict:
         ("PADDED_VOCAB_SIZE", spec.padded_vocab_size, "Vp: vocabulary padded for speed; rows past V are unused"),
         ("MAX_SEQ_LEN", spec.max_seq_len, "maxT: longest sequence"),
     ]
+    KV = spec.kv_head_count * spec.head_size
+    constants.append(("KV_HEADS", spec.kv_head_count, "key/value heads" + (
+        ": each serves NUM_HEADS / KV_HEADS query heads" if spec.kv_head_count != spec.n_head else
+        ": as many as the query heads")))
     if not spec.is_gpt2:
-        KV = spec.kv_head_count * spec.head_size
-        constants.append(("KV_HEADS", spec.kv_head_count, "key/value heads" + (
-            ": each serves NUM_HEADS / KV_HEADS query heads" if spec.kv_head_count != spec.n_head else
-            " (as many as the query heads)")))
         if spec.kv_head_count != spec.n_head:
             constants.append(("QKV_CHANNELS", spec.n_embd + 2 * KV, "QKV = C + 2 * KV_HEADS * HS: a row of q, k, v"))
         if spec.mlp_channels != 4 * spec.n_embd:
@@ -219,6 +219,14 @@ def c_context(spec: Spec) -> dict:
         "qkv_dim": "QKV" if gqa else "3C",
         "hidden_c": hidden,
         "fc_oc": (f"2 * {hidden}" if hidden == "MLP_HIDDEN" else "8 * C") if spec.mlp is Mlp.SWIGLU else hidden,
+        # the same sizes outside a function with a local C
+        "qkv_c": "QKV_CHANNELS" if gqa else "3 * CHANNELS",
+        "hidden_cc": hidden.replace("C", "CHANNELS") if hidden == "4 * C" else hidden,
+        "fc_c": ((f"2 * {hidden}" if hidden == "MLP_HIDDEN" else "8 * CHANNELS") if spec.mlp is Mlp.SWIGLU
+                 else hidden.replace("C", "CHANNELS") if hidden == "4 * C" else hidden),
+        "hidden_dim": "4C" if hidden == "4 * C" else "H",
+        "fc_dim": (("2H" if hidden == "MLP_HIDDEN" else "8C") if spec.mlp is Mlp.SWIGLU
+                   else "4C" if hidden == "4 * C" else "H"),
         "gemm": gemm_sizes(spec),
         "attention": attention_sizes(spec),
         "model_version": 3,

@@ -9,7 +9,70 @@
 #define TESTING
 #include "train_gpt2.c"
 
+// Generation, for the tests: `generate model.bin cached window n id...` prints the n tokens that
+// greedy sampling (temperature 0) continues the prompt ids with, through gpt2_generate and its
+// cache (cached 1) or running the whole window for every token (cached 0);
+// `logits model.bin id...` prints, for each position t of the ids, the largest difference
+// between the cached step's logits and the last row of a forward over ids[0..t], relative to
+// the largest logit.
+static int generation_tests(int argc, char** argv) {
+    GPT2 model;
+    int cached = argc > 3 ? atoi(argv[3]) : 0, window = argc > 4 ? atoi(argv[4]) : MAX_SEQ_LEN;
+    int first = strcmp(argv[1], "generate") == 0 ? 6 : 3, n = first == 6 ? atoi(argv[5]) : 0;
+    int n_prompt = argc - first;
+    if (n_prompt < 1) { die("usage: generate model.bin cached window n id... | logits model.bin id..."); }
+    int* ids = (int*)malloc_check(((size_t)n_prompt + n) * sizeof(int));
+    for (int i = 0; i < n_prompt; i++) { ids[i] = atoi(argv[first + i]); }
+    gpt2_alloc(&model, 1, first == 6 ? window : n_prompt);
+    gpt2_load(&model, argv[2]);
+    if (first == 6) {
+        Sampler greedy = {0.0f, 0, (float*)malloc_check(VOCAB_SIZE * sizeof(float))};
+        Tokenizer none;
+        memset(&none, 0, sizeof(none));
+        uint64_t rng = 1;
+        if (cached) {
+            gpt2_generate(&model, ids, n_prompt, n, window, 1, &greedy, &none, stdout, &rng);
+        } else {
+            for (int i = n_prompt; i < n_prompt + n; i++) {
+                int start = i > window ? i - window : 0;
+                gpt2_forward(&model, ids + start, NULL, 1, i - start);
+                ids[i] = sample_token(gpt2_logits_row(&model, i - start - 1), &greedy, 0.0f);
+                printf("%d ", ids[i]);
+            }
+        }
+        printf("\n");
+        free(greedy.scratch);
+    } else {
+        KVCache cache;
+        kvcache_alloc(&cache, 1, n_prompt);
+        float* full = (float*)malloc_check(PADDED_VOCAB_SIZE * sizeof(float));
+        for (int t = 0; t < n_prompt; t++) {
+            const float* step = gpt2_next_logits(&model, &cache, ids, n_prompt, 0, t + 1);
+            float* kept = (float*)malloc_check(PADDED_VOCAB_SIZE * sizeof(float));
+            memcpy(kept, step, PADDED_VOCAB_SIZE * sizeof(float));
+            gpt2_forward(&model, ids, NULL, 1, t + 1);
+            memcpy(full, gpt2_logits_row(&model, t), PADDED_VOCAB_SIZE * sizeof(float));
+            float diff = 0.0f, scale = 1e-30f;
+            for (int i = 0; i < VOCAB_SIZE; i++) {
+                float d = fabsf(kept[i] - full[i]);
+                diff = d > diff ? d : diff;
+                scale = fabsf(full[i]) > scale ? fabsf(full[i]) : scale;
+            }
+            printf("%d %.3e\n", t, diff / scale);
+            free(kept);
+        }
+        free(full);
+        kvcache_free(&cache);
+    }
+    free(ids);
+    gpt2_free(&model);
+    return 0;
+}
+
 int main(int argc, char** argv) {
+    if (argc >= 3 && (strcmp(argv[1], "generate") == 0 || strcmp(argv[1], "logits") == 0)) {
+        return generation_tests(argc, argv);
+    }
     if (argc != 13) {
         fprintf(stderr, "usage: %s model.bin tokens.bin B T steps grad_accum lr warmup final_frac weight_decay grad_clip out.bin\n", argv[0]);
         return 1;

@@ -41,6 +41,7 @@
 #define VOCAB_SIZE 50257        // V: real vocabulary
 #define PADDED_VOCAB_SIZE 50304 // Vp: vocabulary padded for speed; rows past V are unused
 #define MAX_SEQ_LEN 1024        // maxT: longest sequence
+#define KV_HEADS 12             // key/value heads: as many as the query heads
 
 // ----------------------------------------------------------------------------
 // Utilities: errors, checked I/O and allocation, timing
@@ -429,18 +430,23 @@ static void matmul_forward_add(float* out,                             // (N,OC)
          /*M=*/OC, /*N=*/N, /*K=*/IC, /*accumulate=*/1);
 }
 
-// The same for one row (a matrix-vector product): out[o] = bias[o] + weight[o,:] . inp,
-// parallel over the output channels; bias may be NULL.
-static void matvec_forward(float* out,                             // (OC)
-                           const float* inp,                       // (IC)
+// The same for a few rows (matrix-vector products: generation's one position per sample):
+//   out[r,o] (+)= bias[o] + weight[o,:] . inp[r,:]
+// parallel over the output channels, each weight row read once for all the rows; bias may be
+// NULL, and with accumulate the products add onto out (the residual stream).
+static void matvec_forward(float* out,                             // (R,OC)
+                           const float* inp,                       // (R,IC)
                            const float* weight, const float* bias, // (OC,IC), (OC)
-                           int IC, int OC) {
+                           int R, int IC, int OC, int accumulate) {
     #pragma omp parallel for
     for (int o = 0; o < OC; o++) {
         const float* w = weight + (size_t)o * IC;
-        float sum = bias != NULL ? bias[o] : 0.0f;
-        for (int i = 0; i < IC; i++) { sum += w[i] * inp[i]; }
-        out[o] = sum;
+        for (int r = 0; r < R; r++) {
+            const float* x = inp + (size_t)r * IC;
+            float sum = bias != NULL ? bias[o] : 0.0f;
+            for (int i = 0; i < IC; i++) { sum += w[i] * x[i]; }
+            out[(size_t)r * OC + o] = accumulate ? out[(size_t)r * OC + o] + sum : sum;
+        }
     }
 }
 
@@ -1186,16 +1192,164 @@ static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int
     }
 }
 
-// Row n (b * T + t) of the last forward's logits (Vp floats in logits_row, valid until the
-// next call), one matrix-vector product: the sampler needs one row at a time.
-static const float* gpt2_logits_row(GPT2* model, int n) {
-    matvec_forward(model->logits_row, model->acts.lnf + (size_t)n * CHANNELS, model->params.wte, NULL,
-                   CHANNELS, PADDED_VOCAB_SIZE);
-    return model->logits_row;
+// Generation with a cache of keys and values. Each sample (a row) keeps every layer's keys and
+// values (after the rotation, with rope) for the positions of its context, so that each new
+// token runs the model on that one position: its matmuls are matrix-vector products, its
+// attention reads the cache, and the classifier computes one row of logits. The rows advance
+// in step, so that each weight is read once per step for all of them. Allocated only while
+// sampling, for the window of positions the sampler uses.
+typedef struct {
+    int rows, window;  // samples, and positions the cache holds
+    int start, filled; // the cache holds tokens[start .. start + filled) of each row
+    float* keys;       // (L, rows, KV_HEADS, window, HS)
+    float* values;     // (L, rows, KV_HEADS, window, HS)
+    float* x;          // (rows, C) the residual stream at the new position
+    float* xn;         // (rows, C) a norm's output
+    float* stats;      // (2 * rows) a norm's statistics
+    float* qkv;        // (rows, 3C)
+    float* att;        // (rows, C) the attention's output
+    float* fch;        // (rows, 4C) the MLP's pre-activation
+    float* act;        // (rows, 4C) and its activation
+    float* logits;     // (rows, Vp)
+} KVCache;
+
+static void kvcache_alloc(KVCache* c, int rows, int window) {
+    size_t kv = (size_t)NUM_LAYERS * rows * KV_HEADS * window * HEAD_SIZE;
+    c->rows = rows;
+    c->window = window;
+    c->start = c->filled = 0;
+    c->keys = malloc_check(kv * sizeof(float));
+    c->values = malloc_check(kv * sizeof(float));
+    c->x = malloc_check((size_t)rows * CHANNELS * sizeof(float));
+    c->xn = malloc_check((size_t)rows * CHANNELS * sizeof(float));
+    c->stats = malloc_check((size_t)2 * rows * sizeof(float));
+    c->qkv = malloc_check((size_t)rows * 3 * CHANNELS * sizeof(float));
+    c->att = malloc_check((size_t)rows * CHANNELS * sizeof(float));
+    c->fch = malloc_check((size_t)rows * 4 * CHANNELS * sizeof(float));
+    c->act = malloc_check((size_t)rows * 4 * CHANNELS * sizeof(float));
+    c->logits = malloc_check((size_t)rows * PADDED_VOCAB_SIZE * sizeof(float));
+}
+
+static void kvcache_free(KVCache* c) {
+    float* buffers[] = {c->keys, c->values, c->x, c->xn, c->stats, c->qkv, c->att, c->fch, c->act, c->logits};
+    for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) { free(buffers[i]); }
+}
+
+// Where layer l's keys (or values) of row r, key/value head g, position t are.
+static float* kvcache_at(const KVCache* c, float* base, int l, int r, int g, int t) {
+    return base + ((((size_t)l * c->rows + r) * KV_HEADS + g) * c->window + t) * HEAD_SIZE;
+}
+
+// Fill row r's cache with tokens[0..n) at positions 0..n-1: the batch forward on them (one
+// sequence), whose keys and values each layer's qkv holds.
+static void kvcache_prefill(GPT2* model, KVCache* c, int r, const int* tokens, int n) {
+    const size_t stride = 3 * CHANNELS;
+    gpt2_forward(model, tokens, NULL, 1, n);
+    for (int l = 0; l < NUM_LAYERS; l++) {
+        const float* qkv = layer_acts(&model->acts, l, 1, n).qkv;
+        for (int t = 0; t < n; t++) {
+            for (int g = 0; g < KV_HEADS; g++) {
+                const float* k = qkv + t * stride + CHANNELS + g * HEAD_SIZE;
+                memcpy(kvcache_at(c, c->keys, l, r, g, t), k, HEAD_SIZE * sizeof(float));
+                memcpy(kvcache_at(c, c->values, l, r, g, t), k + KV_HEADS * HEAD_SIZE, HEAD_SIZE * sizeof(float));
+            }
+        }
+    }
+}
+
+// Attention at position t of each row, over the cache's positions 0..t (t's own keys and
+// values already in it): for each query head h, with g its key/value head,
+//   s[t2] = q . k[t2] / sqrt(HS),  p = softmax(s),  out = sum over t2 of p[t2] v[t2]
+static void attention_decode(float* out, const float* qkv, const KVCache* c, int l, int t) { // (rows,C), (rows,3C)
+    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    #pragma omp parallel for collapse(2)
+    for (int r = 0; r < c->rows; r++) {
+        for (int h = 0; h < NUM_HEADS; h++) {
+            const float* q = qkv + (size_t)r * 3 * CHANNELS + h * HEAD_SIZE;
+            int g = h / (NUM_HEADS / KV_HEADS);
+            float s[MAX_SEQ_LEN];
+            float maxval = -FLT_MAX, sum = 0.0f;
+            for (int t2 = 0; t2 <= t; t2++) {
+                const float* k = kvcache_at(c, c->keys, l, r, g, t2);
+                float dot = 0.0f;
+                for (int i = 0; i < HEAD_SIZE; i++) { dot += q[i] * k[i]; }
+                s[t2] = dot * scale;
+                maxval = s[t2] > maxval ? s[t2] : maxval;
+            }
+            for (int t2 = 0; t2 <= t; t2++) { s[t2] = expf(s[t2] - maxval); sum += s[t2]; }
+            float* y = out + (size_t)r * CHANNELS + h * HEAD_SIZE;
+            for (int i = 0; i < HEAD_SIZE; i++) { y[i] = 0.0f; }
+            for (int t2 = 0; t2 <= t; t2++) {
+                const float* v = kvcache_at(c, c->values, l, r, g, t2);
+                float p = s[t2] / sum;
+                for (int i = 0; i < HEAD_SIZE; i++) { y[i] += p * v[i]; }
+            }
+        }
+    }
+}
+
+// One step of every row: its next token tokens[r] at position t (the cache holds 0..t-1),
+// through every layer at that one position; the keys and values of t join the cache. Returns
+// the logits (rows, Vp).
+static const float* kvcache_decode(GPT2* model, KVCache* c, const int* tokens, int t) {
+    const int C = CHANNELS, R = c->rows;
+    ParameterTensors p = model->params;
+    for (int r = 0; r < R; r++) {
+        encoder_forward(c->x + (size_t)r * C, tokens + r, p.wte, p.wpe + (size_t)t * C, 1, 1, C);
+    }
+    for (int l = 0; l < NUM_LAYERS; l++) {
+        LayerParams lp = layer_params(&p, l);
+        layernorm_forward(c->xn, c->stats, c->stats + R, c->x, lp.ln1w, lp.ln1b, R, C);
+        matvec_forward(c->qkv, c->xn, lp.qkvw, lp.qkvb, R, C, 3 * CHANNELS, 0);
+        for (int r = 0; r < R; r++) {
+            float* row = c->qkv + (size_t)r * 3 * CHANNELS;
+            for (int g = 0; g < KV_HEADS; g++) {
+                memcpy(kvcache_at(c, c->keys, l, r, g, t), row + C + g * HEAD_SIZE, HEAD_SIZE * sizeof(float));
+                memcpy(kvcache_at(c, c->values, l, r, g, t), row + C + (KV_HEADS + g) * HEAD_SIZE, HEAD_SIZE * sizeof(float));
+            }
+        }
+        attention_decode(c->att, c->qkv, c, l, t);
+        matvec_forward(c->x, c->att, lp.attprojw, lp.attprojb, R, C, C, 1);  // x += attproj(att)
+        layernorm_forward(c->xn, c->stats, c->stats + R, c->x, lp.ln2w, lp.ln2b, R, C);
+        matvec_forward(c->fch, c->xn, lp.fcw, lp.fcb, R, C, 4 * CHANNELS, 0);
+        gelu_forward(c->act, c->fch, (size_t)R * 4 * CHANNELS);
+        matvec_forward(c->x, c->act, lp.fcprojw, lp.fcprojb, R, 4 * CHANNELS, C, 1);  // x += fcproj(act)
+    }
+    layernorm_forward(c->xn, c->stats, c->stats + R, c->x, p.lnfw, p.lnfb, R, C);
+    matvec_forward(c->logits, c->xn, p.wte, NULL, R, C, PADDED_VOCAB_SIZE, 0);
+    return c->logits;
+}
+
+// The logits of the next token of every row, whose tokens so far are tokens[r * stride ..
+// r * stride + end), seeing the last window of them (from `start`). The cache holds them but
+// for the last: one decode step. Otherwise (the first step, or the window moved on): the cache
+// is filled afresh from tokens[start .. end - 1), row by row, then the step.
+static const float* gpt2_next_logits(GPT2* model, KVCache* c, const int* tokens, size_t stride, int start, int end) {
+    if (c->start != start || c->filled != end - 1 - start) {
+        for (int r = 0; r < c->rows; r++) {
+            if (end - 1 > start) { kvcache_prefill(model, c, r, tokens + r * stride + start, end - 1 - start); }
+        }
+        c->start = start;
+        c->filled = end - 1 - start;
+    }
+    int* last = malloc_check((size_t)c->rows * sizeof(int));
+    for (int r = 0; r < c->rows; r++) { last[r] = tokens[r * stride + end - 1]; }
+    const float* logits = kvcache_decode(model, c, last, c->filled);
+    free(last);
+    c->filled++;
+    return logits;
 }
 
 #ifdef TESTING
-// For the test harness: the parameters and their gradients (NUM_PARAMETERS floats each).
+// For the test harness: row n (b * T + t) of the last forward's logits (Vp floats in
+// logits_row, valid until the next call), one matrix-vector product.
+static const float* gpt2_logits_row(GPT2* model, int n) {
+    matvec_forward(model->logits_row, model->acts.lnf + (size_t)n * CHANNELS, model->params.wte, NULL,
+                   1, CHANNELS, PADDED_VOCAB_SIZE, 0);
+    return model->logits_row;
+}
+
+// And the parameters and their gradients (NUM_PARAMETERS floats each).
 static void gpt2_get_parameters(const GPT2* model, float* values) {
     memcpy(values, model->params_memory, NUM_PARAMETERS * sizeof(float));
 }
@@ -1786,29 +1940,47 @@ static int sample_token(const float* logits, const Sampler* s, float coin) {
     return best;  // rounding
 }
 
-// Write the prompt (but a leading <|endoftext|>), then generate n tokens after it and write
-// them as they come, as text with a tokenizer, as token ids without one. Each new token
-// runs the model on the last T tokens at most (a batch of one), so prompt and output may
-// be longer than T.
-static void gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n, int T,
-                          const Sampler* sampler, const Tokenizer* tk, FILE* out, uint64_t* rng) {
-    int* tokens = (int*)malloc_check((size_t)(n_prompt + n) * sizeof(int));
+// Write the prompt (but a leading <|endoftext|>), then generate n tokens after it for each of
+// `rows` samples, and write them: the first as they come, the others once all are done, each
+// after a line `---`; as text with a tokenizer, as token ids without one. Each new token sees
+// the last `window` tokens at most: within the window the cache of keys and values grows by one
+// position a step; past it, it is filled afresh from the last window - 1 tokens each step (the
+// same tokens as running the whole window, at the cost of a forward over it). Returns the
+// seconds the generation took.
+static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n, int window, int rows,
+                            const Sampler* sampler, const Tokenizer* tk, FILE* out, uint64_t* rng) {
+    size_t stride = (size_t)n_prompt + n;
+    int* tokens = (int*)malloc_check(stride * rows * sizeof(int));  // (rows, n_prompt + n)
     Utf8Writer w = {out, {0}, 0, 0};
+    for (int r = 0; r < rows; r++) { memcpy(tokens + r * stride, prompt, n_prompt * sizeof(int)); }
     for (int i = 0; i < n_prompt; i++) {
-        tokens[i] = prompt[i];
-        if (i > 0 || tokens[i] != EOT_TOKEN) { utf8_write_token(&w, tk, tokens[i]); }
+        if (i > 0 || prompt[i] != EOT_TOKEN) { utf8_write_token(&w, tk, prompt[i]); }
     }
+    fflush(out);
+    KVCache cache;
+    kvcache_alloc(&cache, rows, window);
+    double t0 = now_seconds();
     for (int i = n_prompt; i < n_prompt + n; i++) {
-        int start = i > T ? i - T : 0;
-        int len = i - start;
-        gpt2_forward(model, tokens + start, NULL, 1, len);
-        const float* logits = gpt2_logits_row(model, len - 1);  // the last position
-        tokens[i] = sample_token(logits, sampler, random_f32(rng));
+        int start = i > window ? i - window : 0;
+        const float* logits = gpt2_next_logits(model, &cache, tokens, stride, start, i);
+        for (int r = 0; r < rows; r++) {
+            tokens[r * stride + i] = sample_token(logits + (size_t)r * PADDED_VOCAB_SIZE, sampler, random_f32(rng));
+        }
         utf8_write_token(&w, tk, tokens[i]);
         fflush(out);
     }
+    double seconds = now_seconds() - t0;
     utf8_finish(&w);
+    for (int r = 1; r < rows; r++) {
+        fprintf(out, "\n---\n");
+        for (int i = 0; i < n_prompt + n; i++) {
+            if (i > 0 || prompt[0] != EOT_TOKEN) { utf8_write_token(&w, tk, tokens[r * stride + i]); }
+        }
+        utf8_finish(&w);
+    }
+    kvcache_free(&cache);
     free(tokens);
+    return seconds;
 }
 
 // ----------------------------------------------------------------------------
@@ -1870,6 +2042,7 @@ typedef struct {
     int sample_only;                // -x 0: no training, a sample of the given model
     int val_every, val_max_batches; // -v, -m
     int sample_every, gen_tokens;   // -s, -g
+    int samples;                    // -N: samples drawn together (sample only)
     int top_k;                      // -K
     float temperature;              // -R
     int checkpoint_every;           // -n
@@ -1902,6 +2075,7 @@ static void usage(int status) {
         "  -m <int>    val batches at most (default 20)\n"
         "  -s <int>    sample every this many steps (default 20)\n"
         "  -g <int>    tokens to generate when sampling (default 64)\n"
+        "  -N <int>    with -x 0: samples to draw, each continuing the prompt on its own (default 1)\n"
         "  -T <string> tokenizer file, llm.c's format, to print samples as text (default gpt2_tokenizer.bin\n"
         "              if there is one; else samples are token ids)\n"
         "  -P <string> prompt for the samples: token ids separated by commas (default 50256, <|endoftext|>)\n"
@@ -1965,6 +2139,7 @@ static void parse_args(Config* c, int argc, char** argv) {
     c->val_max_batches = 20;
     c->sample_every = 20;
     c->gen_tokens = 64;
+    c->samples = 1;
     c->temperature = 1.0f;
     c->grad_clip = 1.0f;
     c->seed = 42;
@@ -1991,6 +2166,7 @@ static void parse_args(Config* c, int argc, char** argv) {
             case 'm': c->val_max_batches = (int)parse_int(flag, value); break;
             case 's': c->sample_every = (int)parse_int(flag, value); break;
             case 'g': c->gen_tokens = (int)parse_int(flag, value); break;
+            case 'N': c->samples = (int)parse_int(flag, value); break;
             case 'n': c->checkpoint_every = (int)parse_int(flag, value); break;
             case 'y': c->resume = (int)parse_int(flag, value); break;
             case 'a': c->overfit = (int)parse_int(flag, value); break;
@@ -2018,6 +2194,7 @@ static void check_config(Config* c) {
     if (c->resume && c->out_dir == NULL) { die("-y: resuming needs the output dir (-o) holding the checkpoints"); }
     if (c->gen_tokens < 0 || c->val_max_batches < 0 || c->warmup < 0) { die("-g, -m and -u must not be negative"); }
     if (c->top_k < 0 || c->temperature < 0.0f) { die("-K and -R must not be negative"); }
+    if (c->samples < 1) { die("-N: the samples must be at least 1, got %d", c->samples); }
     c->sample_only = c->max_steps == 0;
     if (c->sample_only && c->init_path == NULL && !c->resume) { die("-x 0 samples a trained model: give its checkpoint with -e (or -y 1 -o DIR)"); }
 }
@@ -2131,11 +2308,16 @@ static void train_loop(Run* r, const Config* c) {
             if (r->log != NULL) { fprintf(r->log, "s:%d tel:%.4f\n", step, val_loss); fflush(r->log); }
         }
         if (c->sample_only) {
-            gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, &r->sampler, &r->tokenizer, stdout, &r->state.rng);
+            double seconds = gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, c->samples, &r->sampler,
+                                           &r->tokenizer, stdout, &r->state.rng);
             printf("\n");
+            fprintf(stderr, "generated %d tokens in %.2f s: %.1f tokens/s (%d sample%s)\n", c->gen_tokens * c->samples,
+                    seconds, c->gen_tokens * c->samples / (seconds > 0 ? seconds : 1e-9), c->samples,
+                    c->samples == 1 ? "" : "s");
         } else if (c->sample_every > 0 && c->gen_tokens > 0 && ((step > r->start_step && step % c->sample_every == 0) || last_step)) {
             printf("generating:\n---\n");
-            gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, &r->sampler, &r->tokenizer, stdout, &r->state.rng);
+            gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, 1, &r->sampler, &r->tokenizer, stdout,
+                          &r->state.rng);
             printf("\n---\n");
         }
         if (c->checkpoint_every > 0 && step > r->start_step && (step % c->checkpoint_every == 0 || last_step)) {

@@ -44,6 +44,7 @@
 #define VOCAB_SIZE 50257        // V: real vocabulary
 #define PADDED_VOCAB_SIZE 50304 // Vp: vocabulary padded for speed; rows past V are unused
 #define MAX_SEQ_LEN 1024        // maxT: longest sequence
+#define KV_HEADS 12             // key/value heads: as many as the query heads
 
 // ----------------------------------------------------------------------------
 // Utilities: errors, checked I/O and allocation, timing
@@ -2221,6 +2222,34 @@ static void utf8_finish(Utf8Writer* w) {
     fflush(w->out);
 }
 
+// Generation on the GPU: each new token runs the model over its whole window (this trainer has
+// no cache of keys and values yet) and brings one row of logits per sample to the host.
+typedef struct {
+    int rows, window;
+    float* logits;  // (rows, Vp) host
+} KVCache;
+
+static void kvcache_alloc(KVCache* c, int rows, int window) {
+    c->rows = rows;
+    c->window = window;
+    c->logits = (float*)malloc_check((size_t)rows * PADDED_VOCAB_SIZE * sizeof(float));
+}
+
+static void kvcache_free(KVCache* c) {
+    free(c->logits);
+}
+
+// The logits of the next token of every row, whose tokens so far are tokens[r * stride ..
+// r * stride + end), seeing tokens[start .. end).
+static const float* gpt2_next_logits(GPT2* model, KVCache* c, const int* tokens, size_t stride, int start, int end) {
+    for (int r = 0; r < c->rows; r++) {
+        gpt2_forward(model, tokens + r * stride + start, NULL, 1, end - start);
+        memcpy(c->logits + (size_t)r * PADDED_VOCAB_SIZE, gpt2_logits_row(model, end - start - 1),
+               PADDED_VOCAB_SIZE * sizeof(float));
+    }
+    return c->logits;
+}
+
 // ----------------------------------------------------------------------------
 // Sampling
 // ----------------------------------------------------------------------------
@@ -2276,29 +2305,47 @@ static int sample_token(const float* logits, const Sampler* s, float coin) {
     return best;  // rounding
 }
 
-// Write the prompt (but a leading <|endoftext|>), then generate n tokens after it and write
-// them as they come, as text with a tokenizer, as token ids without one. Each new token
-// runs the model on the last T tokens at most (a batch of one), so prompt and output may
-// be longer than T.
-static void gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n, int T,
-                          const Sampler* sampler, const Tokenizer* tk, FILE* out, uint64_t* rng) {
-    int* tokens = (int*)malloc_check((size_t)(n_prompt + n) * sizeof(int));
+// Write the prompt (but a leading <|endoftext|>), then generate n tokens after it for each of
+// `rows` samples, and write them: the first as they come, the others once all are done, each
+// after a line `---`; as text with a tokenizer, as token ids without one. Each new token sees
+// the last `window` tokens at most: within the window the cache of keys and values grows by one
+// position a step; past it, it is filled afresh from the last window - 1 tokens each step (the
+// same tokens as running the whole window, at the cost of a forward over it). Returns the
+// seconds the generation took.
+static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n, int window, int rows,
+                            const Sampler* sampler, const Tokenizer* tk, FILE* out, uint64_t* rng) {
+    size_t stride = (size_t)n_prompt + n;
+    int* tokens = (int*)malloc_check(stride * rows * sizeof(int));  // (rows, n_prompt + n)
     Utf8Writer w = {out, {0}, 0, 0};
+    for (int r = 0; r < rows; r++) { memcpy(tokens + r * stride, prompt, n_prompt * sizeof(int)); }
     for (int i = 0; i < n_prompt; i++) {
-        tokens[i] = prompt[i];
-        if (i > 0 || tokens[i] != EOT_TOKEN) { utf8_write_token(&w, tk, tokens[i]); }
+        if (i > 0 || prompt[i] != EOT_TOKEN) { utf8_write_token(&w, tk, prompt[i]); }
     }
+    fflush(out);
+    KVCache cache;
+    kvcache_alloc(&cache, rows, window);
+    double t0 = now_seconds();
     for (int i = n_prompt; i < n_prompt + n; i++) {
-        int start = i > T ? i - T : 0;
-        int len = i - start;
-        gpt2_forward(model, tokens + start, NULL, 1, len);
-        const float* logits = gpt2_logits_row(model, len - 1);  // the last position
-        tokens[i] = sample_token(logits, sampler, random_f32(rng));
+        int start = i > window ? i - window : 0;
+        const float* logits = gpt2_next_logits(model, &cache, tokens, stride, start, i);
+        for (int r = 0; r < rows; r++) {
+            tokens[r * stride + i] = sample_token(logits + (size_t)r * PADDED_VOCAB_SIZE, sampler, random_f32(rng));
+        }
         utf8_write_token(&w, tk, tokens[i]);
         fflush(out);
     }
+    double seconds = now_seconds() - t0;
     utf8_finish(&w);
+    for (int r = 1; r < rows; r++) {
+        fprintf(out, "\n---\n");
+        for (int i = 0; i < n_prompt + n; i++) {
+            if (i > 0 || prompt[0] != EOT_TOKEN) { utf8_write_token(&w, tk, tokens[r * stride + i]); }
+        }
+        utf8_finish(&w);
+    }
+    kvcache_free(&cache);
     free(tokens);
+    return seconds;
 }
 
 // ----------------------------------------------------------------------------
@@ -2360,6 +2407,7 @@ typedef struct {
     int sample_only;                // -x 0: no training, a sample of the given model
     int val_every, val_max_batches; // -v, -m
     int sample_every, gen_tokens;   // -s, -g
+    int samples;                    // -N: samples drawn together (sample only)
     int top_k;                      // -K
     float temperature;              // -R
     int checkpoint_every;           // -n
@@ -2392,6 +2440,7 @@ static void usage(int status) {
         "  -m <int>    val batches at most (default 20)\n"
         "  -s <int>    sample every this many steps (default 20)\n"
         "  -g <int>    tokens to generate when sampling (default 64)\n"
+        "  -N <int>    with -x 0: samples to draw, each continuing the prompt on its own (default 1)\n"
         "  -T <string> tokenizer file, llm.c's format, to print samples as text (default gpt2_tokenizer.bin\n"
         "              if there is one; else samples are token ids)\n"
         "  -P <string> prompt for the samples: token ids separated by commas (default 50256, <|endoftext|>)\n"
@@ -2455,6 +2504,7 @@ static void parse_args(Config* c, int argc, char** argv) {
     c->val_max_batches = 20;
     c->sample_every = 20;
     c->gen_tokens = 64;
+    c->samples = 1;
     c->temperature = 1.0f;
     c->grad_clip = 1.0f;
     c->seed = 42;
@@ -2481,6 +2531,7 @@ static void parse_args(Config* c, int argc, char** argv) {
             case 'm': c->val_max_batches = (int)parse_int(flag, value); break;
             case 's': c->sample_every = (int)parse_int(flag, value); break;
             case 'g': c->gen_tokens = (int)parse_int(flag, value); break;
+            case 'N': c->samples = (int)parse_int(flag, value); break;
             case 'n': c->checkpoint_every = (int)parse_int(flag, value); break;
             case 'y': c->resume = (int)parse_int(flag, value); break;
             case 'a': c->overfit = (int)parse_int(flag, value); break;
@@ -2508,6 +2559,7 @@ static void check_config(Config* c) {
     if (c->resume && c->out_dir == NULL) { die("-y: resuming needs the output dir (-o) holding the checkpoints"); }
     if (c->gen_tokens < 0 || c->val_max_batches < 0 || c->warmup < 0) { die("-g, -m and -u must not be negative"); }
     if (c->top_k < 0 || c->temperature < 0.0f) { die("-K and -R must not be negative"); }
+    if (c->samples < 1) { die("-N: the samples must be at least 1, got %d", c->samples); }
     c->sample_only = c->max_steps == 0;
     if (c->sample_only && c->init_path == NULL && !c->resume) { die("-x 0 samples a trained model: give its checkpoint with -e (or -y 1 -o DIR)"); }
 }
@@ -2621,11 +2673,16 @@ static void train_loop(Run* r, const Config* c) {
             if (r->log != NULL) { fprintf(r->log, "s:%d tel:%.4f\n", step, val_loss); fflush(r->log); }
         }
         if (c->sample_only) {
-            gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, &r->sampler, &r->tokenizer, stdout, &r->state.rng);
+            double seconds = gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, c->samples, &r->sampler,
+                                           &r->tokenizer, stdout, &r->state.rng);
             printf("\n");
+            fprintf(stderr, "generated %d tokens in %.2f s: %.1f tokens/s (%d sample%s)\n", c->gen_tokens * c->samples,
+                    seconds, c->gen_tokens * c->samples / (seconds > 0 ? seconds : 1e-9), c->samples,
+                    c->samples == 1 ? "" : "s");
         } else if (c->sample_every > 0 && c->gen_tokens > 0 && ((step > r->start_step && step % c->sample_every == 0) || last_step)) {
             printf("generating:\n---\n");
-            gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, &r->sampler, &r->tokenizer, stdout, &r->state.rng);
+            gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, 1, &r->sampler, &r->tokenizer, stdout,
+                          &r->state.rng);
             printf("\n---\n");
         }
         if (c->checkpoint_every > 0 && step > r->start_step && (step % c->checkpoint_every == 0 || last_step)) {
