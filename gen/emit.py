@@ -153,25 +153,106 @@ def c_context(spec: Spec) -> dict:
     return ctx
 
 
-def kernel_constants(spec: Spec) -> list[tuple[str, int, str]]:
-    """Launch shapes of the CUDA kernels, with the reason for each, printed as #defines;
-    the PyCUDA tests launch with them too (kernel_values)."""
+# Tensor-core attention (bf16): head sizes it takes, and the most registers per thread its
+# tiles may plan for (of 255), leaving the rest for addresses, loop counters and temporaries.
+FLASH_HEAD_SIZES = range(16, 129, 16)
+FLASH_REGISTER_PLAN = 168
+
+
+def flash_tiles(spec: Spec, precision: Precision | str) -> dict | None:
+    """Tile sizes of the tensor-core attention (cuda/layers/attention.cu.j2), or None where it
+    does not apply (fp32, or a head size that is not a multiple of 16 up to 128): then the
+    simple kernels run.
+
+    A block is FLASH_WARPS warps; each warp owns 16 rows (the M of one mma.m16n8k16) of
+    queries (forward, dq) or of keys (dk, dv). Per thread a 16 x N fp32 accumulator takes N/2
+    registers and a 16 x K bf16 operand K/4. The other side's rows stream through shared
+    memory in tiles, as large as the registers allow (64 rows, else 32, else 16):
+      forward  Q (HS/4), O (HS/2), S of a key tile (BK/2) and its bf16 copy P (BK/4)
+      dq       Q, dO (HS/4 each), dQ (HS/2), S and dP of a key tile (BK/2 each), dS (BK/4)
+      dk, dv   dK, dV (HS/2 each), S^T and dP^T of a query tile (BQ/2 each), P^T, dS^T (BQ/4 each);
+               this block's K and V rows wait in shared memory, read as they are needed
+    Shared memory stays within the 48 KiB a kernel gets without asking: rows of HS + 8 bf16
+    (the padding makes the fragment loads free of bank conflicts).
+    """
     HS = spec.head_size
-    return [
+    if Precision.parse(precision, "precision") is not Precision.BF16 or HS not in FLASH_HEAD_SIZES:
+        return None
+    warps = 4
+    rows = 16 * warps
+    stride = HS + 8
+
+    def largest(registers, smem_rows):
+        for tile in (64, 32, 16):
+            if registers(tile) <= FLASH_REGISTER_PLAN and smem_rows(tile) * stride * 2 <= 48 * 1024:
+                return tile
+        raise AssertionError(f"no flash tile fits head size {HS}")
+
+    bk = largest(lambda t: HS // 4 + HS // 2 + t // 2 + t // 4, lambda t: 2 * t)
+    bk_dq = largest(lambda t: HS // 2 + HS // 2 + t + t // 4, lambda t: 2 * t)
+    bq_dkdv = largest(lambda t: HS + t + t // 2, lambda t: 2 * rows + 2 * t)
+    return {"warps": warps, "rows": rows, "bk": bk, "bk_dq": bk_dq, "bq_dkdv": bq_dkdv, "stride": stride}
+
+
+def attention_lanes(spec: Spec) -> tuple[int, int, int, int]:
+    """The simple attention kernels' shape: (lanes, slice, rows, key_rows). `lanes` threads
+    share one query (or key) row, each holding `slice` of its HEAD_SIZE channels (at most 16,
+    so that the dk, dv kernel's four rows k, v, dk, dv stay in registers: 64 floats); `rows`
+    rows make a block of at most 256 threads; `key_rows` rows of the other side pass through
+    shared memory at a time (two tiles of floats: at most 32 KiB)."""
+    HS = spec.head_size
+    lanes = 1
+    while lanes < 32 and lanes * 16 < HS:
+        lanes *= 2
+    slice_ = -(-HS // lanes)
+    rows = max(8, min(64, 256 // lanes))
+    key_rows = max(1, min(32, 4096 // HS))
+    return lanes, slice_, rows, key_rows
+
+
+def kernel_constants(spec: Spec, precision: Precision | str = Precision.FP32) -> list[tuple[str, int, str]]:
+    """Launch shapes of the CUDA kernels, with the reason for each, printed as #defines;
+    the PyCUDA tests launch with them too (kernel_values). The attention's depend on the
+    kernels it uses: the tensor-core ones (bf16, flash_tiles) or the simple ones."""
+    constants = [
         ("BLOCK_SIZE", 256, "threads per block of the element-wise kernels"),
         ("LN_ROWS_PER_BLOCK", 8, "layernorm: one warp per row, 8 rows (256 threads) per block"),
         ("REDUCE_ROWS", 256, "column sums: rows per block (chunk) in the first stage"),
         ("CLASSIFIER_BLOCK", 512, "fused classifier: threads per row, each handling Vp / 512 logits"),
         ("NORM_BLOCKS", 512, "gradient norm: blocks in the first stage, a fixed number so the sum is deterministic"),
         ("TILE", 16, "tiled matmul: TILE x TILE outputs per block, one per thread"),
-        ("ATT_BQ", 64, "attention: queries (or keys) per block, one per thread"),
-        ("ATT_BK", max(1, min(32, 4096 // HS)),
-         "attention: key (or query) rows per shared-memory tile (two tiles of ATT_BK x HS floats: <= 32 KiB)"),
     ]
+    flash = flash_tiles(spec, precision)
+    if flash is None:
+        lanes, slice_, rows, key_rows = attention_lanes(spec)
+        constants += [
+            ("ATT_BQ", rows, f"attention: query (or key) rows per block, {lanes} thread{'s' if lanes > 1 else ''} "
+                             "each (at most 256 threads)"),
+            ("ATT_BK", key_rows,
+             "attention: key (or query) rows per shared-memory tile (two tiles of ATT_BK x HS floats: <= 32 KiB)"),
+            ("HEAD_LANES", lanes, "attention: threads sharing a row, consecutive lanes of one warp; lane j holds "
+                                  "channels j, j + HEAD_LANES, ..."),
+            ("HEAD_SLICE", slice_, "attention: channels per thread, HEAD_SIZE / HEAD_LANES rounded up (at most 16)"),
+        ]
+    else:
+        HS = spec.head_size
+        constants += [
+            ("FLASH_WARPS", flash["warps"], "tensor-core attention: warps per block, 16 query (or key) rows each"),
+            ("FLASH_ROWS", flash["rows"], "tensor-core attention: query (or key) rows per block, 16 * FLASH_WARPS"),
+            ("FLASH_BK", flash["bk"], f"forward: keys per shared-memory tile ({flash['bk'] // 2} fp32 scores "
+                                      f"per thread, with Q and O of HS {HS}, in registers)"),
+            ("FLASH_BK_DQ", flash["bk_dq"], f"dq: keys per shared-memory tile ({flash['bk_dq']} fp32 S and dP "
+                                            "values per thread, with Q, dO and dQ, in registers)"),
+            ("FLASH_BQ_DKDV", flash["bq_dkdv"], f"dk, dv: queries per shared-memory tile ({flash['bq_dkdv']} fp32 "
+                                                "S^T and dP^T values per thread, with dK and dV, in registers)"),
+            ("FLASH_STRIDE", flash["stride"], "shared-memory row: HEAD_SIZE + 8 bf16, so that the 8 rows of a "
+                                              "fragment load fall in different banks"),
+        ]
+    return constants
 
 
-def kernel_values(spec: Spec) -> dict[str, int]:
-    return {name: value for name, value, _ in kernel_constants(spec)}
+def kernel_values(spec: Spec, precision: Precision | str = Precision.FP32) -> dict[str, int]:
+    return {name: value for name, value, _ in kernel_constants(spec, precision)}
 
 
 def cuda_context(spec: Spec, precision: Precision | str = Precision.FP32, matmul: Matmul | str = Matmul.CUBLASLT) -> dict:
@@ -191,7 +272,10 @@ def cuda_context(spec: Spec, precision: Precision | str = Precision.FP32, matmul
         "matmul": matmul.value,
         "cuda_acts": acts,
         "layer_acts": [a for a in acts if a["per_layer"]],
-        "kernel_constants": [{"name": n, "value": v, "doc": d} for n, v, d in kernel_constants(spec)],
+        "kernel_constants": [{"name": n, "value": v, "doc": d} for n, v, d in kernel_constants(spec, precision)],
+        "flash": flash_tiles(spec, precision),
+        "flash_head_sizes": f"{FLASH_HEAD_SIZES.start}, {FLASH_HEAD_SIZES.start + FLASH_HEAD_SIZES.step}, ..., "
+                            f"{FLASH_HEAD_SIZES[-1]}",
         # cuBLASLt's GELU epilogues need the leading dimension of the pre-GELU matrix (4C)
         # to be a multiple of 8
         "gelu_fusion": int(matmul is Matmul.CUBLASLT and (4 * C) % 8 == 0),

@@ -169,9 +169,15 @@ static const char* hardware_description(void) {
 // PyCUDA). Backward kernels overwrite activation gradients unless they say "+=";
 // parameter gradients (fp32) are always accumulated.
 
+// The GPU must be sm_80 or newer (A100, H100, ...): bf16, and the tensor cores' mma.m16n8k16.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "this program needs a GPU of compute capability 8.0 or newer: build with -arch=sm_80 or newer (or -arch=native where such a GPU is)"
+#endif
+
 // Precision: parameters and activations are bf16; the fp32 master weights, the AdamW moments,
 // the parameter gradients, the layernorm and softmax statistics and the losses are fp32.
-// All arithmetic is fp32: loads widen with to_float, stores round with to_floatX (to nearest even).
+// Arithmetic is fp32 (loads widen with to_float, stores round with to_floatX, to nearest even),
+// but for the attention's products on the tensor cores: bf16 inputs, fp32 sums.
 typedef __nv_bfloat16 floatX;
 __device__ inline float to_float(floatX x) { return __bfloat162float(x); }
 __device__ inline floatX to_floatX(float x) { return __float2bfloat16(x); }
@@ -183,8 +189,12 @@ __device__ inline floatX to_floatX(float x) { return __float2bfloat16(x); }
 #define CLASSIFIER_BLOCK 512 // fused classifier: threads per row, each handling Vp / 512 logits
 #define NORM_BLOCKS 512      // gradient norm: blocks in the first stage, a fixed number so the sum is deterministic
 #define TILE 16              // tiled matmul: TILE x TILE outputs per block, one per thread
-#define ATT_BQ 64            // attention: queries (or keys) per block, one per thread
-#define ATT_BK 32            // attention: key (or query) rows per shared-memory tile (two tiles of ATT_BK x HS floats: <= 32 KiB)
+#define FLASH_WARPS 4        // tensor-core attention: warps per block, 16 query (or key) rows each
+#define FLASH_ROWS 64        // tensor-core attention: query (or key) rows per block, 16 * FLASH_WARPS
+#define FLASH_BK 64          // forward: keys per shared-memory tile (32 fp32 scores per thread, with Q and O of HS 64, in registers)
+#define FLASH_BK_DQ 64       // dq: keys per shared-memory tile (64 fp32 S and dP values per thread, with Q, dO and dQ, in registers)
+#define FLASH_BQ_DKDV 64     // dk, dv: queries per shared-memory tile (64 fp32 S^T and dP^T values per thread, with dK and dV, in registers)
+#define FLASH_STRIDE 72      // shared-memory row: HEAD_SIZE + 8 bf16, so that the 8 rows of a fragment load fall in different banks
 
 // Sums (maxima) over the 32 threads of a warp; every thread gets the result.
 __device__ inline float warp_sum(float x) {
@@ -744,90 +754,20 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, const fl
 //   s[t,t2] = q[t] . k[t2] / sqrt(HS)   for t2 <= t (causal)
 //   p[t,:]  = softmax(s[t, 0..t]),      out[t] = sum over t2 of p[t,t2] v[t2]
 // The forward pass keeps one number per query, lse[t] = log(sum over t2 of exp(s[t,t2])), from
-// which the backward pass recomputes p[t,t2] = exp(s[t,t2] - lse[t]).
-// All three kernels: one thread per query (or key) row, ATT_BQ rows per block, one block row
-// per (b, h); the other side's rows pass through shared memory ATT_BK at a time.
-
-// Load rows r0 .. r0 + ATT_BK - 1 of one head's slice x (HEAD_SIZE values a row, `stride`
-// elements from one row to the next) into tile as float, times scale; rows at T or past it are
-// zero. All ATT_BQ threads of the block take part; the caller synchronises before reading.
-__device__ inline void load_tile(float tile[ATT_BK][HEAD_SIZE], const floatX* x, size_t stride, int r0, int T,
-                                 float scale) {
-    for (int e = threadIdx.x; e < ATT_BK * HEAD_SIZE; e += ATT_BQ) {
-        int j = e / HEAD_SIZE, i = e % HEAD_SIZE, r = r0 + j;
-        tile[j][i] = r < T ? to_float(x[(size_t)r * stride + i]) * scale : 0.0f;
-    }
-}
-
-// Forward. Each thread keeps its query (pre-scaled by 1/sqrt(HS)), the running maximum m and
-// sum l of exp(scores - m), and acc, the running sum of exp(score - m) v. A new tile of keys
-// raises the maximum to m', and what was summed so far is rescaled by exp(m - m') (the
-// online softmax). At the end out = acc / l and lse = m + log(l).
-extern "C" __global__ void attention_forward_kernel(floatX* out, float* lse, // (B,T,C), (B,NH,T)
-                                                    const floatX* qkv,       // (B,T,3C)
-                                                    int B, int T, int NH) {
-    __shared__ float k_tile[ATT_BK][HEAD_SIZE];
-    __shared__ float v_tile[ATT_BK][HEAD_SIZE];
-    const int C = NH * HEAD_SIZE;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int t = blockIdx.x * ATT_BQ + threadIdx.x;
-    int active = t < T;  // inactive threads still help to load the tiles
-    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
-    const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;  // head h of q in row 0 of batch b
-    float q[HEAD_SIZE], acc[HEAD_SIZE];
-    #pragma unroll
-    for (int i = 0; i < HEAD_SIZE; i++) {
-        q[i] = active ? to_float(qkv_b[(size_t)t * 3 * C + i]) * scale : 0.0f;
-        acc[i] = 0.0f;
-    }
-    float m = -INFINITY, l = 0.0f;
-    int last = min(T, (int)(blockIdx.x + 1) * ATT_BQ) - 1;  // this block's last query: keys 0..last
-    for (int k0 = 0; k0 <= last; k0 += ATT_BK) {
-        load_tile(k_tile, qkv_b + C, 3 * C, k0, T, 1.0f);
-        load_tile(v_tile, qkv_b + 2 * C, 3 * C, k0, T, 1.0f);
-        __syncthreads();
-        if (active && k0 <= t) {  // the tile holds at least one key t2 <= t
-            float s[ATT_BK];
-            float tile_max = -INFINITY;
-            #pragma unroll
-            for (int j = 0; j < ATT_BK; j++) {
-                float dot = 0.0f;
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) { dot += q[i] * k_tile[j][i]; }
-                s[j] = k0 + j <= t ? dot : -INFINITY;
-                tile_max = fmaxf(tile_max, s[j]);
-            }
-            float m_new = fmaxf(m, tile_max);
-            float rescale = expf(m - m_new);  // 0 on the first tile, where m = -inf
-            l *= rescale;
-            #pragma unroll
-            for (int i = 0; i < HEAD_SIZE; i++) { acc[i] *= rescale; }
-            #pragma unroll
-            for (int j = 0; j < ATT_BK; j++) {
-                float p = expf(s[j] - m_new);  // 0 for the masked (future) keys
-                l += p;
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) { acc[i] += p * v_tile[j][i]; }
-            }
-            m = m_new;
-        }
-        __syncthreads();
-    }
-    if (active) {
-        floatX* o = out + ((size_t)b * T + t) * C + h * HEAD_SIZE;
-        #pragma unroll
-        for (int i = 0; i < HEAD_SIZE; i++) { o[i] = to_floatX(acc[i] / l); }
-        lse[((size_t)b * NH + h) * T + t] = m + logf(l);
-    }
-}
-
-// Backward. With dout = dL/dout and dp[t,t2] = dout[t] . v[t2], the softmax's backward is
+// which the backward pass recomputes p[t,t2] = exp(s[t,t2] - lse[t]). With dout = dL/dout and
+// dp[t,t2] = dout[t] . v[t2], the softmax's backward is
 //   ds[t,t2] = p[t,t2] (dp[t,t2] - delta[t]),   delta[t] = sum over t2 of p[t,t2] dp[t,t2] = dout[t] . out[t]
 // and then, through s = q.k / sqrt(HS) and out = p v:
 //   dq[t]  = sum over t2 <= t of ds[t,t2] k[t2] / sqrt(HS)
 //   dk[t2] = sum over t >= t2 of ds[t,t2] q[t] / sqrt(HS),   dv[t2] = sum over t >= t2 of p[t,t2] dout[t]
-// delta first, one thread per (b, h, t); then dq with one thread per query, and dk, dv with
-// one thread per key, each recomputing p. Every output element has one writer: no atomics.
+// The backward computes delta first, then dq in one kernel (a block owns queries) and dk, dv
+// in another (a block owns keys), each recomputing p: every output element has one writer,
+// no atomics, and the sums run in a fixed order.
+// In bf16 the kernels run on the tensor cores (FlashAttention-2's scheme): a warp owns 16 rows,
+// the products of 16-row blocks are mma instructions with bf16 inputs and fp32 sums, and the
+// softmax statistics are fp32.
+
+// delta[b,h,t] = dout[b,t,h,:] . out[b,t,h,:], one thread per (b, h, t).
 extern "C" __global__ void attention_backward_delta_kernel(float* delta,       // (B,NH,T)
                                                            const floatX* dout, // (B,T,C)
                                                            const floatX* out,  // (B,T,C)
@@ -842,125 +782,440 @@ extern "C" __global__ void attention_backward_delta_kernel(float* delta,       /
     delta[idx] = sum;
 }
 
-extern "C" __global__ void attention_backward_dq_kernel(floatX* dqkv,                         // (B,T,3C): writes the q part
-                                                        const floatX* dout,                   // (B,T,C)
-                                                        const floatX* qkv,                    // (B,T,3C)
-                                                        const float* lse, const float* delta, // (B,NH,T), (B,NH,T)
-                                                        int B, int T, int NH) {
-    __shared__ float k_tile[ATT_BK][HEAD_SIZE];
-    __shared__ float v_tile[ATT_BK][HEAD_SIZE];
-    const int C = NH * HEAD_SIZE;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int t = blockIdx.x * ATT_BQ + threadIdx.x;
-    int active = t < T;
-    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
-    const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;
-    const floatX* dout_t = dout + ((size_t)b * T + t) * C + h * HEAD_SIZE;
-    float q[HEAD_SIZE], dy[HEAD_SIZE], dq[HEAD_SIZE];
+static void attention_backward_delta(float* delta, const floatX* dout, const floatX* out, int B, int T, int NH) {
+    attention_backward_delta_kernel<<<ceil_div((size_t)B * NH * T, BLOCK_SIZE), BLOCK_SIZE>>>(delta, dout, out, B, T, NH);
+    cudaCheck(cudaGetLastError());
+}
+
+// The tensor cores' bf16 multiply-add, one mma.sync.m16n8k16 by the 32 lanes of a warp:
+//   d (16x8, fp32) += a (16x16, bf16) @ b (16x8, bf16)
+// Each lane holds its part of each matrix in registers, in the PTX ISA's fragment layout.
+// With g = lane / 4 (0..7) and c = lane % 4 (0..3), the lane holds (row, column):
+//   a[0] = (g, 2c..2c+1),  a[1] = (g+8, 2c..2c+1),  a[2] = (g, 2c+8..2c+9),  a[3] = (g+8, 2c+8..2c+9)
+//   b[0] = (2c..2c+1, g),  b[1] = (2c+8..2c+9, g)
+//   d[0], d[1] = (g, 2c), (g, 2c+1),   d[2], d[3] = (g+8, 2c), (g+8, 2c+1)
+// where a register of a or b holds two bf16, the one of the lower column (of a) or row (of b)
+// in its low half. Two 16x8 d tiles side by side (columns 0..7 and 8..15) are, rounded to
+// bf16 and paired, exactly the a fragment of their 16x16 matrix: that is how the scores
+// become the next product's input without leaving the registers.
+__device__ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two floats rounded to bf16 (to nearest even) in one register, lo in the low half.
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    uint32_t bits;
+    memcpy(&bits, &pair, sizeof(bits));
+    return bits;
+}
+
+// The two bf16 at p and p + 1 in one register (p is 4-byte aligned).
+__device__ inline uint32_t pair_at(const floatX* p) {
+    return *(const uint32_t*)p;
+}
+
+// The a fragment of the 16x16 block at x of a row-major bf16 matrix (`stride` elements a row).
+__device__ inline void load_a(uint32_t a[4], const floatX* x, int stride) {
+    int g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    a[0] = pair_at(x + g * stride + 2 * c);
+    a[1] = pair_at(x + (g + 8) * stride + 2 * c);
+    a[2] = pair_at(x + g * stride + 2 * c + 8);
+    a[3] = pair_at(x + (g + 8) * stride + 2 * c + 8);
+}
+
+// The a fragment of rows r0..r0+15 of one head's slice x in global memory (HEAD_SIZE bf16 from
+// column 16 kk, `stride` elements from one row to the next), for every kk: rows at T or past
+// it are zero.
+__device__ inline void load_rows_a(uint32_t a[HEAD_SIZE / 16][4], const floatX* x, size_t stride, int r0, int T) {
+    int g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    const floatX* lo = x + (size_t)(r0 + g) * stride + 2 * c;
+    const floatX* hi = x + (size_t)(r0 + g + 8) * stride + 2 * c;
+    int lo_ok = r0 + g < T, hi_ok = r0 + g + 8 < T;
     #pragma unroll
-    for (int i = 0; i < HEAD_SIZE; i++) {
-        q[i] = active ? to_float(qkv_b[(size_t)t * 3 * C + i]) * scale : 0.0f;
-        dy[i] = active ? to_float(dout_t[i]) : 0.0f;
-        dq[i] = 0.0f;
-    }
-    size_t row = ((size_t)b * NH + h) * T + t;
-    float lse_t = active ? lse[row] : 0.0f, delta_t = active ? delta[row] : 0.0f;
-    int last = min(T, (int)(blockIdx.x + 1) * ATT_BQ) - 1;
-    for (int k0 = 0; k0 <= last; k0 += ATT_BK) {
-        load_tile(k_tile, qkv_b + C, 3 * C, k0, T, 1.0f);
-        load_tile(v_tile, qkv_b + 2 * C, 3 * C, k0, T, 1.0f);
-        __syncthreads();
-        if (active) {
-            for (int j = 0; j < ATT_BK && k0 + j <= t; j++) {
-                float s = 0.0f, dp = 0.0f;
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) {
-                    s += q[i] * k_tile[j][i];
-                    dp += dy[i] * v_tile[j][i];
-                }
-                float ds = expf(s - lse_t) * (dp - delta_t);
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) { dq[i] += ds * k_tile[j][i]; }
-            }
-        }
-        __syncthreads();
-    }
-    if (active) {
-        floatX* dq_t = dqkv + ((size_t)b * T + t) * 3 * C + h * HEAD_SIZE;
-        #pragma unroll
-        for (int i = 0; i < HEAD_SIZE; i++) { dq_t[i] = to_floatX(dq[i] * scale); }
+    for (int kk = 0; kk < HEAD_SIZE / 16; kk++) {
+        a[kk][0] = lo_ok ? pair_at(lo + 16 * kk) : 0u;
+        a[kk][1] = hi_ok ? pair_at(hi + 16 * kk) : 0u;
+        a[kk][2] = lo_ok ? pair_at(lo + 16 * kk + 8) : 0u;
+        a[kk][3] = hi_ok ? pair_at(hi + 16 * kk + 8) : 0u;
     }
 }
 
-extern "C" __global__ void attention_backward_dkdv_kernel(floatX* dqkv,                         // (B,T,3C): writes the k and v parts
-                                                          const floatX* dout,                   // (B,T,C)
-                                                          const floatX* qkv,                    // (B,T,3C)
-                                                          const float* lse, const float* delta, // (B,NH,T), (B,NH,T)
-                                                          int B, int T, int NH) {
-    __shared__ float q_tile[ATT_BK][HEAD_SIZE];  // queries, pre-scaled by 1/sqrt(HS)
-    __shared__ float dy_tile[ATT_BK][HEAD_SIZE]; // their output gradients
-    __shared__ float lse_tile[ATT_BK];
-    __shared__ float delta_tile[ATT_BK];
+// The b fragment of B = X^T, where X is a row-major matrix at x whose rows 0..7 are B's
+// columns: b[k][n] = X[n][k] (the keys of s = q k^T, for one). Two bf16 of a register are
+// neighbours in a row of X.
+__device__ inline void load_b(uint32_t b[2], const floatX* x, int stride) {
+    int g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    b[0] = pair_at(x + g * stride + 2 * c);
+    b[1] = pair_at(x + g * stride + 2 * c + 8);
+}
+
+// ldmatrix.sync.m8n8.x2.trans, by the 32 lanes of a warp: two 8x8 bf16 matrices from shared
+// memory, lanes 0-7 giving the addresses of the 8 rows (8 contiguous bf16 each) of the first,
+// lanes 8-15 those of the second, transposed on the way: lane 4g + c gets rows 2c and 2c + 1
+// of column g, of the first matrix in r[0] and of the second in r[1].
+__device__ inline void ldmatrix_x2_trans(uint32_t r[2], const floatX* row) {
+    uint32_t address = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address));
+}
+
+// The b fragment of B itself, a row-major 16x8 block at x in shared memory (the values v of
+// out = p v, for one): the two bf16 of a register lie in one column, rows apart, so ldmatrix
+// gathers them: rows 0-7 and 8-15 are its two matrices, lane i < 16 giving row i.
+__device__ inline void load_b_trans(uint32_t b[2], const floatX* x, int stride) {
+    ldmatrix_x2_trans(b, x + threadIdx.x % 16 * stride);
+}
+
+// Sum (maximum) over the 4 lanes that hold one row of an mma result (lanes 4g .. 4g+3).
+__device__ inline float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffff, x, 1);
+    return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+__device__ inline float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
+// Rows r0 .. r0 + rows - 1 of one head's slice x (HEAD_SIZE bf16 a row, `stride` elements from
+// one row to the next) into a shared-memory tile with rows of FLASH_STRIDE; rows at T or past it
+// are zero. 16 bytes (8 bf16) a load: x and stride keep every row 16-byte aligned (C is a
+// multiple of 8). All threads of the block take part; the caller synchronises.
+__device__ inline void flash_load(floatX* tile, const floatX* x, size_t stride, int r0, int rows, int T) {
+    const int chunks = HEAD_SIZE / 8;  // of a row
+    for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+        int j = e / chunks, i = e % chunks * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + j < T) { v = *(const uint4*)(x + (size_t)(r0 + j) * stride + i); }
+        *(uint4*)(tile + j * FLASH_STRIDE + i) = v;
+    }
+}
+
+#define LOG2E 1.4426950408889634f // log2(e): exp(x) = 2^(x log2 e)
+#define LN2 0.6931471805599453f   // ln(2)
+
+// Forward. A block takes FLASH_ROWS queries of one (b, h), FLASH_WARPS warps of 16 queries
+// each; the blocks of the last queries (which see the most keys) start first. The keys and
+// values pass through shared memory FLASH_BK at a time. For its 16 queries a warp keeps q as
+// a fragments, the running maximum m and sum l of 2^(score - m) per row, and the running
+// o = sum of 2^(score - m) v (16 x HEAD_SIZE, fp32). Scores are in base 2, s2 = s log2(e),
+// so that each exponential is one exp2. For each tile of keys:
+//   s2 = q k^T / sqrt(HS) log2(e)   (16 x FLASH_BK; -inf where the key comes after the query)
+//   m' = max(m, max of the row of s2),  o *= 2^(m - m'),  l *= 2^(m - m')    (the online softmax)
+//   p = 2^(s2 - m'),  l += sum of the row of p,  o += p v  (p rounded to bf16 for the mma)
+// At the end out = o / l, and lse = ln(sum of exp(s)) = m ln(2) + ln(l).
+extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS)
+flash_forward_kernel(floatX* out, float* lse, // (B,T,C), (B,NH,T)
+                     const floatX* qkv,       // (B,T,3C)
+                     int B, int T, int NH) {
+    __shared__ __align__(16) floatX k_tile[FLASH_BK * FLASH_STRIDE];  // keys k0 .. k0 + FLASH_BK - 1
+    __shared__ __align__(16) floatX v_tile[FLASH_BK * FLASH_STRIDE];
     const int C = NH * HEAD_SIZE;
     int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int t2 = blockIdx.x * ATT_BQ + threadIdx.x;  // this thread's key
-    int active = t2 < T;
-    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FLASH_ROWS; // this block's first query
+    int qw = q0 + 16 * warp;                            // this warp's: rows qw + g and qw + g + 8 are this lane's
+    const float scale2 = rsqrtf((float)HEAD_SIZE) * LOG2E;
+    const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;  // head h of q in row 0 of batch b
+
+    uint32_t qf[HEAD_SIZE / 16][4];  // q (16 x HEAD_SIZE): columns 16 kk .. 16 kk + 15 in qf[kk]
+    load_rows_a(qf, qkv_b, 3 * C, qw, T);
+    float o[HEAD_SIZE / 8][4];  // columns 8 n .. 8 n + 7 in o[n]
+    #pragma unroll
+    for (int n = 0; n < HEAD_SIZE / 8; n++) { o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f; }
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8; l: this lane's columns only
+
+    int last = min(T, q0 + FLASH_ROWS) - 1;  // this block's last query: keys 0..last
+    for (int k0 = 0; k0 <= last; k0 += FLASH_BK) {
+        __syncthreads();  // every warp is done with the previous tile
+        flash_load(k_tile, qkv_b + C, 3 * C, k0, FLASH_BK, T);
+        flash_load(v_tile, qkv_b + 2 * C, 3 * C, k0, FLASH_BK, T);
+        __syncthreads();
+        if (k0 > qw + 15) { continue; }  // all its keys come after this warp's queries
+        // k0 and qw are multiples of 16, so here k0 <= qw: the tile has a key at or before
+        // every query of the warp, and no row of s2 is all -inf.
+        float s[FLASH_BK / 8][4];  // keys k0 + 8 j .. k0 + 8 j + 7 in s[j]
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK / 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            #pragma unroll
+            for (int kk = 0; kk < HEAD_SIZE / 16; kk++) {
+                uint32_t kb[2];
+                load_b(kb, k_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(s[j], qf[kk], kb);
+            }
+        }
+        float row_max[2] = {-INFINITY, -INFINITY};
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK / 8; j++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {  // row qw + g + 8 (e / 2), key k0 + 8 j + 2 c + e % 2
+                int key = k0 + 8 * j + 2 * c + e % 2, query = qw + g + 8 * (e / 2);
+                s[j][e] = key <= query ? s[j][e] * scale2 : -INFINITY;
+                row_max[e / 2] = fmaxf(row_max[e / 2], s[j][e]);
+            }
+        }
+        float rescale[2];
+        #pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float m_new = fmaxf(m[r], quad_max(row_max[r]));
+            rescale[r] = exp2f(m[r] - m_new);  // 0 on the first tile, where m = -inf
+            m[r] = m_new;
+            l[r] *= rescale[r];
+        }
+        #pragma unroll
+        for (int n = 0; n < HEAD_SIZE / 8; n++) {
+            o[n][0] *= rescale[0];
+            o[n][1] *= rescale[0];
+            o[n][2] *= rescale[1];
+            o[n][3] *= rescale[1];
+        }
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK / 8; j++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[j][e] = exp2f(s[j][e] - m[e / 2]);  // p; 0 for the masked keys
+                l[e / 2] += s[j][e];
+            }
+        }
+        // o += p v, 16 keys (the k of the mma) at a time: p's fragment from s[2 kk], s[2 kk + 1]
+        #pragma unroll
+        for (int kk = 0; kk < FLASH_BK / 16; kk++) {
+            uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            #pragma unroll
+            for (int n = 0; n < HEAD_SIZE / 8; n++) {
+                uint32_t vb[2];
+                load_b_trans(vb, v_tile + 16 * kk * FLASH_STRIDE + 8 * n, FLASH_STRIDE);
+                mma_m16n8k16(o[n], pa, vb);
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int query = qw + g + 8 * r;
+        float row_sum = quad_sum(l[r]);  // (all lanes take part)
+        if (query >= T) { continue; }
+        floatX* out_t = out + ((size_t)b * T + query) * C + h * HEAD_SIZE + 2 * c;
+        #pragma unroll
+        for (int n = 0; n < HEAD_SIZE / 8; n++) {
+            *(uint32_t*)(out_t + 8 * n) = pack_bf16(o[n][2 * r] / row_sum, o[n][2 * r + 1] / row_sum);
+        }
+        if (c == 0) { lse[((size_t)b * NH + h) * T + query] = m[r] * LN2 + logf(row_sum); }
+    }
+}
+
+// Backward, dq. A block takes FLASH_ROWS queries as the forward does (the last first), and the
+// keys and values pass through shared memory FLASH_BK_DQ at a time. A warp keeps q and dout of
+// its 16 queries as a fragments, their lse (in base 2) and delta, and dq (fp32). For each tile:
+//   p = 2^(q k^T / sqrt(HS) log2(e) - lse log2(e))   (0 where the key comes after the query)
+//   dp = dout v^T,  ds = p (dp - delta),  dq += ds k   (ds rounded to bf16 for the mma)
+// and at the end dq / sqrt(HS) goes to dqkv.
+extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS)
+flash_backward_dq_kernel(floatX* dqkv,                         // (B,T,3C): writes the q part
+                         const floatX* dout,                   // (B,T,C)
+                         const floatX* qkv,                    // (B,T,3C)
+                         const float* lse, const float* delta, // (B,NH,T), (B,NH,T)
+                         int B, int T, int NH) {
+    __shared__ __align__(16) floatX k_tile[FLASH_BK_DQ * FLASH_STRIDE];
+    __shared__ __align__(16) floatX v_tile[FLASH_BK_DQ * FLASH_STRIDE];
+    const int C = NH * HEAD_SIZE;
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FLASH_ROWS;
+    int qw = q0 + 16 * warp;
+    const float scale = rsqrtf((float)HEAD_SIZE), scale2 = scale * LOG2E;
+    const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;
+
+    uint32_t qf[HEAD_SIZE / 16][4], dyf[HEAD_SIZE / 16][4];
+    load_rows_a(qf, qkv_b, 3 * C, qw, T);
+    load_rows_a(dyf, dout + (size_t)b * T * C + h * HEAD_SIZE, C, qw, T);
+    float lse2[2], delta_r[2];  // rows g and g + 8; a row past T gets lse = +inf, so that its p is 0
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int query = qw + g + 8 * r;
+        size_t row = ((size_t)b * NH + h) * T + query;
+        lse2[r] = query < T ? lse[row] * LOG2E : INFINITY;
+        delta_r[r] = query < T ? delta[row] : 0.0f;
+    }
+    float dq[HEAD_SIZE / 8][4];
+    #pragma unroll
+    for (int n = 0; n < HEAD_SIZE / 8; n++) { dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f; }
+
+    int last = min(T, q0 + FLASH_ROWS) - 1;
+    for (int k0 = 0; k0 <= last; k0 += FLASH_BK_DQ) {
+        __syncthreads();
+        flash_load(k_tile, qkv_b + C, 3 * C, k0, FLASH_BK_DQ, T);
+        flash_load(v_tile, qkv_b + 2 * C, 3 * C, k0, FLASH_BK_DQ, T);
+        __syncthreads();
+        if (k0 > qw + 15) { continue; }                      // all its keys come after this warp's queries
+        float s[FLASH_BK_DQ / 8][4], dp[FLASH_BK_DQ / 8][4]; // keys k0 + 8 j .. k0 + 8 j + 7 in [j]
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK_DQ / 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
+            #pragma unroll
+            for (int kk = 0; kk < HEAD_SIZE / 16; kk++) {
+                uint32_t kb[2], vb[2];
+                load_b(kb, k_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(s[j], qf[kk], kb);
+                load_b(vb, v_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(dp[j], dyf[kk], vb);
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK_DQ / 8; j++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {  // row qw + g + 8 (e / 2), key k0 + 8 j + 2 c + e % 2
+                int key = k0 + 8 * j + 2 * c + e % 2, query = qw + g + 8 * (e / 2);
+                float p = key <= query ? exp2f(s[j][e] * scale2 - lse2[e / 2]) : 0.0f;
+                s[j][e] = p * (dp[j][e] - delta_r[e / 2]);  // ds
+            }
+        }
+        // dq += ds k, 16 keys (the k of the mma) at a time; k's rows run down the keys: ldmatrix.trans
+        #pragma unroll
+        for (int kk = 0; kk < FLASH_BK_DQ / 16; kk++) {
+            uint32_t dsa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                               pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            #pragma unroll
+            for (int n = 0; n < HEAD_SIZE / 8; n++) {
+                uint32_t kb[2];
+                load_b_trans(kb, k_tile + 16 * kk * FLASH_STRIDE + 8 * n, FLASH_STRIDE);
+                mma_m16n8k16(dq[n], dsa, kb);
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int query = qw + g + 8 * r;
+        if (query >= T) { continue; }
+        floatX* dq_t = dqkv + ((size_t)b * T + query) * 3 * C + h * HEAD_SIZE + 2 * c;
+        #pragma unroll
+        for (int n = 0; n < HEAD_SIZE / 8; n++) {
+            *(uint32_t*)(dq_t + 8 * n) = pack_bf16(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
+        }
+    }
+}
+
+// Backward, dk and dv. A block takes FLASH_ROWS keys of one (b, h), FLASH_WARPS warps of 16
+// keys each, kept in shared memory with their values; the blocks of the first keys (which the
+// most queries see) start first. The queries, their output gradients, lse and delta pass
+// through shared memory FLASH_BQ_DKDV at a time, from the block's first key on. Per tile, with
+// the keys as rows (the transposes of the dq kernel's products):
+//   p^T = 2^(k q^T / sqrt(HS) log2(e) - lse log2(e))   (0 where the query comes before the key)
+//   dp^T = v dout^T,  ds^T = p^T (dp^T - delta),  dv += p^T dout,  dk += ds^T q
+// and at the end dk / sqrt(HS) and dv go to dqkv.
+extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS)
+flash_backward_dkdv_kernel(floatX* dqkv,                         // (B,T,3C): writes the k and v parts
+                           const floatX* dout,                   // (B,T,C)
+                           const floatX* qkv,                    // (B,T,3C)
+                           const float* lse, const float* delta, // (B,NH,T), (B,NH,T)
+                           int B, int T, int NH) {
+    __shared__ __align__(16) floatX k_rows[FLASH_ROWS * FLASH_STRIDE];     // this block's keys
+    __shared__ __align__(16) floatX v_rows[FLASH_ROWS * FLASH_STRIDE];     // and their values
+    __shared__ __align__(16) floatX q_tile[FLASH_BQ_DKDV * FLASH_STRIDE];  // queries q0 .. q0 + FLASH_BQ_DKDV - 1
+    __shared__ __align__(16) floatX dy_tile[FLASH_BQ_DKDV * FLASH_STRIDE]; // their output gradients
+    __shared__ float lse_tile[FLASH_BQ_DKDV];                              // lse log2(e); +inf past T: p = 0
+    __shared__ float delta_tile[FLASH_BQ_DKDV];
+    const int C = NH * HEAD_SIZE;
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    int k0 = blockIdx.x * FLASH_ROWS; // this block's first key
+    int kw = k0 + 16 * warp;          // this warp's: rows kw + g and kw + g + 8 are this lane's
+    const float scale = rsqrtf((float)HEAD_SIZE), scale2 = scale * LOG2E;
     const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;
     const floatX* dout_b = dout + (size_t)b * T * C + h * HEAD_SIZE;
     const float* lse_bh = lse + ((size_t)b * NH + h) * T;
     const float* delta_bh = delta + ((size_t)b * NH + h) * T;
-    float k[HEAD_SIZE], v[HEAD_SIZE], dk[HEAD_SIZE], dv[HEAD_SIZE];
+    flash_load(k_rows, qkv_b + C, 3 * C, k0, FLASH_ROWS, T);
+    flash_load(v_rows, qkv_b + 2 * C, 3 * C, k0, FLASH_ROWS, T);
+    const floatX* k_warp = k_rows + 16 * warp * FLASH_STRIDE;
+    const floatX* v_warp = v_rows + 16 * warp * FLASH_STRIDE;
+    float dk[HEAD_SIZE / 8][4], dv[HEAD_SIZE / 8][4];
     #pragma unroll
-    for (int i = 0; i < HEAD_SIZE; i++) {
-        k[i] = active ? to_float(qkv_b[(size_t)t2 * 3 * C + C + i]) : 0.0f;
-        v[i] = active ? to_float(qkv_b[(size_t)t2 * 3 * C + 2 * C + i]) : 0.0f;
-        dk[i] = 0.0f;
-        dv[i] = 0.0f;
+    for (int n = 0; n < HEAD_SIZE / 8; n++) {
+        dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.0f;
+        dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
     }
-    int first = blockIdx.x * ATT_BQ;  // this block's first key: queries first..T-1 can see it
-    for (int q0 = first; q0 < T; q0 += ATT_BK) {
-        load_tile(q_tile, qkv_b, 3 * C, q0, T, scale);
-        load_tile(dy_tile, dout_b, C, q0, T, 1.0f);
-        for (int j = threadIdx.x; j < ATT_BK; j += ATT_BQ) {
-            lse_tile[j] = q0 + j < T ? lse_bh[q0 + j] : 0.0f;
+
+    for (int q0 = k0; q0 < T; q0 += FLASH_BQ_DKDV) { // the queries before k0 see none of these keys
+        __syncthreads();                             // the keys are in; every warp is done with the previous tile
+        flash_load(q_tile, qkv_b, 3 * C, q0, FLASH_BQ_DKDV, T);
+        flash_load(dy_tile, dout_b, C, q0, FLASH_BQ_DKDV, T);
+        for (int j = threadIdx.x; j < FLASH_BQ_DKDV; j += blockDim.x) {
+            lse_tile[j] = q0 + j < T ? lse_bh[q0 + j] * LOG2E : INFINITY;
             delta_tile[j] = q0 + j < T ? delta_bh[q0 + j] : 0.0f;
         }
         __syncthreads();
-        if (active) {
-            for (int j = 0; j < ATT_BK && q0 + j < T; j++) {
-                if (q0 + j < t2) { continue; }  // that query comes before this key: masked
-                float s = 0.0f, dp = 0.0f;
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) {
-                    s += q_tile[j][i] * k[i];
-                    dp += dy_tile[j][i] * v[i];
-                }
-                float p = expf(s - lse_tile[j]);
-                float ds = p * (dp - delta_tile[j]);
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) {
-                    dv[i] += p * dy_tile[j][i];
-                    dk[i] += ds * q_tile[j][i];  // q_tile is pre-scaled: this is ds q / sqrt(HS)
-                }
+        if (q0 + FLASH_BQ_DKDV - 1 < kw) { continue; }             // all its queries come before this warp's keys
+        float st[FLASH_BQ_DKDV / 8][4], dpt[FLASH_BQ_DKDV / 8][4]; // queries q0 + 8 j .. q0 + 8 j + 7 in [j]
+        #pragma unroll
+        for (int j = 0; j < FLASH_BQ_DKDV / 8; j++) {
+            st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.0f;
+            dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.0f;
+        }
+        #pragma unroll
+        for (int kk = 0; kk < HEAD_SIZE / 16; kk++) {
+            uint32_t ka[4], va[4];
+            load_a(ka, k_warp + 16 * kk, FLASH_STRIDE);
+            load_a(va, v_warp + 16 * kk, FLASH_STRIDE);
+            #pragma unroll
+            for (int j = 0; j < FLASH_BQ_DKDV / 8; j++) {
+                uint32_t qb[2], dyb[2];
+                load_b(qb, q_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(st[j], ka, qb);
+                load_b(dyb, dy_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(dpt[j], va, dyb);
             }
         }
-        __syncthreads();
-    }
-    if (active) {
-        floatX* d = dqkv + ((size_t)b * T + t2) * 3 * C + h * HEAD_SIZE;
         #pragma unroll
-        for (int i = 0; i < HEAD_SIZE; i++) {
-            d[C + i] = to_floatX(dk[i]);
-            d[2 * C + i] = to_floatX(dv[i]);
+        for (int j = 0; j < FLASH_BQ_DKDV / 8; j++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {  // key kw + g + 8 (e / 2), query q0 + i with i = 8 j + 2 c + e % 2
+                int i = 8 * j + 2 * c + e % 2, key = kw + g + 8 * (e / 2);
+                float p = q0 + i >= key ? exp2f(st[j][e] * scale2 - lse_tile[i]) : 0.0f;
+                st[j][e] = p;
+                dpt[j][e] = p * (dpt[j][e] - delta_tile[i]);  // ds^T
+            }
+        }
+        // dv += p^T dout and dk += ds^T q, 16 queries (the k of the mma) at a time: ldmatrix.trans
+        #pragma unroll
+        for (int kk = 0; kk < FLASH_BQ_DKDV / 16; kk++) {
+            uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                              pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+            uint32_t dsa[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                               pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                               pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+            #pragma unroll
+            for (int n = 0; n < HEAD_SIZE / 8; n++) {
+                uint32_t dyb[2], qb[2];
+                load_b_trans(dyb, dy_tile + 16 * kk * FLASH_STRIDE + 8 * n, FLASH_STRIDE);
+                mma_m16n8k16(dv[n], pa, dyb);
+                load_b_trans(qb, q_tile + 16 * kk * FLASH_STRIDE + 8 * n, FLASH_STRIDE);
+                mma_m16n8k16(dk[n], dsa, qb);
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int key = kw + g + 8 * r;
+        if (key >= T) { continue; }
+        floatX* d = dqkv + ((size_t)b * T + key) * 3 * C + h * HEAD_SIZE + 2 * c;
+        #pragma unroll
+        for (int n = 0; n < HEAD_SIZE / 8; n++) {
+            *(uint32_t*)(d + C + 8 * n) = pack_bf16(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
+            *(uint32_t*)(d + 2 * C + 8 * n) = pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]);
         }
     }
 }
 
 // out (B,T,C) and lse (B,NH,T) from qkv (B,T,3C).
 static void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH) {
-    dim3 grid(ceil_div(T, ATT_BQ), B * NH);
-    attention_forward_kernel<<<grid, ATT_BQ>>>(out, lse, qkv, B, T, NH);
+    dim3 grid(ceil_div(T, FLASH_ROWS), B * NH);
+    flash_forward_kernel<<<grid, 32 * FLASH_WARPS>>>(out, lse, qkv, B, T, NH);
     cudaCheck(cudaGetLastError());
 }
 
@@ -968,12 +1223,11 @@ static void attention_forward(floatX* out, float* lse, const floatX* qkv, int B,
 // (B,NH,T), a scratch buffer.
 static void attention_backward(floatX* dqkv, float* delta, const floatX* dout, const floatX* qkv, const floatX* out,
                                const float* lse, int B, int T, int NH) {
-    attention_backward_delta_kernel<<<ceil_div((size_t)B * NH * T, BLOCK_SIZE), BLOCK_SIZE>>>(delta, dout, out, B, T, NH);
+    attention_backward_delta(delta, dout, out, B, T, NH);
+    dim3 grid(ceil_div(T, FLASH_ROWS), B * NH);
+    flash_backward_dq_kernel<<<grid, 32 * FLASH_WARPS>>>(dqkv, dout, qkv, lse, delta, B, T, NH);
     cudaCheck(cudaGetLastError());
-    dim3 grid(ceil_div(T, ATT_BQ), B * NH);
-    attention_backward_dq_kernel<<<grid, ATT_BQ>>>(dqkv, dout, qkv, lse, delta, B, T, NH);
-    cudaCheck(cudaGetLastError());
-    attention_backward_dkdv_kernel<<<grid, ATT_BQ>>>(dqkv, dout, qkv, lse, delta, B, T, NH);
+    flash_backward_dkdv_kernel<<<grid, 32 * FLASH_WARPS>>>(dqkv, dout, qkv, lse, delta, B, T, NH);
     cudaCheck(cudaGetLastError());
 }
 
