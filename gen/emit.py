@@ -7,7 +7,11 @@ template aligns anything by hand.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -18,7 +22,7 @@ from .enums import Init, Matmul, Precision, Target
 from .errors import LlmgenError
 from .fileio import write_atomic
 from .spec import Spec
-from .tensors import Act, Param, activations, num_params, parameters, shape_comment
+from .tensors import Act, Param, _cuda_acts, activations, num_params, numel, parameters, shape_comment
 
 # Symbolic dimension -> C expression, for sizes that depend on B and T at run time.
 C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNELS", "HS": "HEAD_SIZE",
@@ -28,7 +32,7 @@ C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNE
 # The layer templates under templates/layers/, in the order they appear in the file.
 LAYERS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier")
 # The CUDA kernel templates under templates/cuda/layers/, in file order.
-CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "matmul", "attention", "residual",
+CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "residual", "matmul", "attention",
                "classifier", "adamw", "norm")
 
 
@@ -153,6 +157,41 @@ def c_context(spec: Spec) -> dict:
     return ctx
 
 
+@dataclass(frozen=True)
+class CudaBuild:
+    """Choices of the CUDA trainer besides its precision and matmul path.
+
+    tf32: the fp32 cuBLASLt matmuls run on the tensor cores in TF32 (llm.c's default); off,
+      they are exact fp32 (as `llmgen verify` builds them). A bf16 trainer has no fp32 matmuls.
+    recompute_gelu: the forward keeps one layer's GELU output instead of every layer's, and
+      the backward recomputes it from the pre-activation (llm.c's -r 1): less memory, one
+      more GELU per layer in the backward.
+    """
+    tf32: bool = True
+    recompute_gelu: bool = False
+
+
+# The CudaBuild of the command being run: render() and emit() take only precision and
+# matmul, so the command line's CUDA options (cli.cuda_options) set this for the duration
+# of a command, and cuda_context reads it.
+_CUDA_BUILD: contextvars.ContextVar[CudaBuild] = contextvars.ContextVar("llmgen_cuda_build", default=CudaBuild())
+
+
+@contextlib.contextmanager
+def cuda_build(**choices):
+    """Within the block, the CUDA trainer is emitted with these CudaBuild choices (the others
+    as they are): `with cuda_build(tf32=False): emit(...)`."""
+    token = _CUDA_BUILD.set(dataclasses.replace(_CUDA_BUILD.get(), **choices))
+    try:
+        yield
+    finally:
+        _CUDA_BUILD.reset(token)
+
+
+def current_cuda_build() -> CudaBuild:
+    return _CUDA_BUILD.get()
+
+
 # Tensor-core attention (bf16): head sizes it takes, and the most registers per thread its
 # tiles may plan for (of 255), leaving the rest for addresses, loop counters and temporaries.
 FLASH_HEAD_SIZES = range(16, 129, 16)
@@ -255,35 +294,124 @@ def kernel_values(spec: Spec, precision: Precision | str = Precision.FP32) -> di
     return {name: value for name, value, _ in kernel_constants(spec, precision)}
 
 
-def cuda_context(spec: Spec, precision: Precision | str = Precision.FP32, matmul: Matmul | str = Matmul.CUBLASLT) -> dict:
-    """What the CUDA trainer's templates print: precision, matmul path, its activations."""
+def cuda_context(spec: Spec, precision: Precision | str = Precision.FP32, matmul: Matmul | str = Matmul.CUBLASLT,
+                 build: CudaBuild | None = None) -> dict:
+    """What the CUDA trainer's templates print: precision, matmul path, the build choices
+    (those of the command being run unless given), its activations and device buffers."""
     precision = Precision.parse(precision, "precision")
     matmul = Matmul.parse(matmul, "matmul")
+    build = build or current_cuda_build()
     ctx = _common_context(spec, "train_gpt2cu")
     bf16 = precision is Precision.BF16
-    acts = [_act(a, "floatX") for a in activations(spec, Target.CUDA)]
+    cublaslt = matmul is Matmul.CUBLASLT
+    act_list = _cuda_acts(build.recompute_gelu)
+    acts = [_act(a, "floatX") for a in act_list]
     C = spec.n_embd
+    flash = flash_tiles(spec, precision)
     ctx.update({
         "target": "cuda",
         "precision": precision.value,
         "bf16": bf16,
         "model_version": 5 if bf16 else 3,
-        "cublaslt": matmul is Matmul.CUBLASLT,
+        "cublaslt": cublaslt,
         "matmul": matmul.value,
+        # TF32 concerns the fp32 cuBLASLt matmuls only (the tiled kernel is exact fp32)
+        "tf32": int(build.tf32 and cublaslt and not bf16),
+        "recompute_gelu": build.recompute_gelu,
         "cuda_acts": acts,
         "layer_acts": [a for a in acts if a["per_layer"]],
         "kernel_constants": [{"name": n, "value": v, "doc": d} for n, v, d in kernel_constants(spec, precision)],
-        "flash": flash_tiles(spec, precision),
+        "flash": flash,
         "flash_head_sizes": f"{FLASH_HEAD_SIZES.start}, {FLASH_HEAD_SIZES.start + FLASH_HEAD_SIZES.step}, ..., "
                             f"{FLASH_HEAD_SIZES[-1]}",
+        "cublaslt_workspace": CUBLASLT_WORKSPACE,
+        "matmul_plans": MATMUL_PLANS,
         # cuBLASLt's GELU epilogues need the leading dimension of the pre-GELU matrix (4C)
         # to be a multiple of 8
-        "gelu_fusion": int(matmul is Matmul.CUBLASLT and (4 * C) % 8 == 0),
+        "gelu_fusion": int(cublaslt and (4 * C) % 8 == 0),
         "layers": CUDA_LAYERS,
         "host": True,
         "default_T": spec.max_seq_len,
     })
+    ctx["device_buffers"] = device_buffers(spec, bf16, cublaslt, act_list)
     return ctx
+
+
+CUBLASLT_WORKSPACE = 32 << 20  # bytes: cuBLASLt's scratch space for its algorithms (llm.c uses 32 MiB)
+MATMUL_PLANS = 64  # cuBLASLt plans kept: the training step has about 15 matmul shapes, sampling one per length
+
+# Bytes of the C types of the device buffers.
+C_TYPE_BYTES = {"float": 4, "double": 8, "int": 4}
+
+
+def device_buffers(spec: Spec, bf16: bool, cublaslt: bool, acts: tuple[Act, ...]) -> list[dict]:
+    """Every device allocation of the CUDA trainer, in the order gpt2_alloc makes them (its
+    table device_buffers): the pointer it sets, a C expression for its bytes at a batch of
+    B x T, what it holds (for an out-of-memory message), a comment, its group (for `llmgen
+    info`), and `bytes`, a function of (B, T) for the same number. The trainer prints their
+    sum as it starts; `llmgen info --target cuda` prints it too."""
+    type_bytes = {**C_TYPE_BYTES, "floatX": 2 if bf16 else 4}
+    k = kernel_values(spec)
+    out = []
+
+    def add(pointer, shape, ctype, what, group, doc=""):
+        """A buffer of a tensor shape (symbolic dimensions, see C_DIMS and Spec.dims)."""
+        def nbytes(B, T, shape=shape, ctype=ctype):
+            dims = {**spec.dims, "B": B, "T": T}
+            return numel(shape, dims) * type_bytes[ctype]
+        out.append({"pointer": pointer, "size": f"{c_size(shape)} * sizeof({ctype})", "what": what, "group": group,
+                    "doc": doc or shape_comment(shape), "bytes": nbytes})
+
+    def add_fixed(pointer, size, nbytes, what, group, doc):
+        """A buffer whose size does not depend on the batch: its C expression and its bytes."""
+        out.append({"pointer": pointer, "size": size, "what": what, "group": group, "doc": doc,
+                    "bytes": lambda B, T: nbytes})
+
+    n = num_params(spec)
+    add_fixed("model->params_memory", "NUM_PARAMETERS * sizeof(floatX)", n * type_bytes["floatX"], "the parameters",
+              "parameters", "(NUM_PARAMETERS)")
+    add_fixed("model->grads_memory", "NUM_PARAMETERS * sizeof(float)", n * 4, "the gradients", "gradients",
+              "(NUM_PARAMETERS)")
+    if bf16:
+        add_fixed("model->master_memory", "NUM_PARAMETERS * sizeof(float)", n * 4, "the master weights",
+                  "master weights", "(NUM_PARAMETERS)")
+    add_fixed("model->m_memory", "NUM_PARAMETERS * sizeof(float)", n * 4, "AdamW's m", "AdamW m and v",
+              "(NUM_PARAMETERS)")
+    add_fixed("model->v_memory", "NUM_PARAMETERS * sizeof(float)", n * 4, "AdamW's v", "AdamW m and v",
+              "(NUM_PARAMETERS)")
+    for a in acts:
+        add(f"model->acts.{a.name}", a.shape, "float" if a.fp32 else "floatX", f"the activation {a.name}",
+            "activations")
+    add("model->dresidual", ("B", "T", "C"), "floatX", "the backward pass", "backward buffers")
+    add("model->dscratch", ("B", "T", "C"), "floatX", "the backward pass", "backward buffers")
+    add("model->dscratch4", ("B", "T", "4C"), "floatX", "the backward pass", "backward buffers")
+    add("model->att_delta", ("B", "NH", "T"), "float", "the backward pass", "backward buffers")
+    rows = k["REDUCE_ROWS"]
+    out.append({"pointer": "model->reduce_scratch", "size": "(size_t)reduce_chunks(B * T) * 4 * CHANNELS * sizeof(float)",
+                "what": "the backward pass", "group": "backward buffers", "doc": "(chunks,4C)",
+                "bytes": lambda B, T: -(-(B * T) // rows) * 4 * spec.n_embd * 4})
+    add_fixed("model->norm_partial", "NORM_BLOCKS * sizeof(double)", k["NORM_BLOCKS"] * 8, "the gradient norm",
+              "backward buffers", "(NORM_BLOCKS)")
+    add("model->inputs_gpu", ("B", "T"), "int", "the inputs", "token ids")
+    add("model->targets_gpu", ("B", "T"), "int", "the targets", "token ids")
+    add("model->buckets.tokens_gpu", ("Vp",), "int", "token buckets", "token ids")
+    add_fixed("model->buckets.starts_gpu", "(PADDED_VOCAB_SIZE + 1) * sizeof(int)", (spec.padded_vocab_size + 1) * 4,
+              "token buckets", "token ids", "(Vp+1)")
+    add("model->buckets.positions_gpu", ("B", "T"), "int", "token buckets", "token ids")
+    if cublaslt:
+        add_fixed("cublaslt_workspace", "CUBLASLT_WORKSPACE_SIZE", CUBLASLT_WORKSPACE, "cuBLASLt's workspace",
+                  "cuBLASLt workspace", f"({CUBLASLT_WORKSPACE >> 20} MiB)")
+    return out
+
+
+def device_memory(spec: Spec, B: int, T: int, precision: Precision | str = Precision.FP32,
+                  matmul: Matmul | str = Matmul.CUBLASLT, build: CudaBuild | None = None) -> list[tuple[str, int]]:
+    """Bytes the CUDA trainer allocates on the device for batches of B x T, by group, in
+    gpt2_alloc's order (the sum is what it prints as it starts)."""
+    groups: dict[str, int] = {}
+    for buf in cuda_context(spec, precision, matmul, build)["device_buffers"]:
+        groups[buf["group"]] = groups.get(buf["group"], 0) + buf["bytes"](B, T)
+    return list(groups.items())
 
 
 def _render(env: jinja2.Environment, name: str, ctx: dict) -> str:

@@ -137,18 +137,24 @@ _C_ACTS = (
 )
 
 
-def _cuda_acts() -> tuple[Act, ...]:
-    """The CUDA trainer keeps the C trainer's activations with two changes: its flash
+def _cuda_acts(recompute_gelu: bool = False) -> tuple[Act, ...]:
+    """The CUDA trainer keeps the C trainer's activations with these changes: its flash
     attention never stores the T x T matrices (preatt, att) but recomputes them in the
-    backward pass from q, k and one softmax statistic per query (att_lse), and it keeps the
-    logits of every position, which its fused classifier turns into their gradient in place."""
+    backward pass from q, k and one softmax statistic per query (att_lse); the residual
+    connections are fused into the projections before them, so attproj and fcproj (which
+    the backward never reads) are not stored; it keeps the logits of every position, which
+    its fused classifier turns into their gradient in place. With recompute_gelu, fch_gelu
+    holds one layer (the one in use) instead of every layer: the backward recomputes it."""
     out = []
     for a in _C_ACTS:
-        if a.name in ("preatt", "att"):
+        if a.name in ("preatt", "att", "attproj", "fcproj"):
             continue
         if a.name == "logits":
             a = Act("logits", ("B", "T", "Vp"), "classifier logits; after the classifier's backward, their gradient",
                     grad=False)
+        if a.name == "fch_gelu" and recompute_gelu:
+            a = Act("fch_gelu", ("B", "T", "4C"), "MLP hidden after GELU, of the layer in use (the backward "
+                    "recomputes it)")
         out.append(a)
         if a.name == "atty":
             out.append(Act("att_lse", ("L", "B", "NH", "T"),

@@ -226,3 +226,38 @@ def test_makefile_finds_pip_wheels_and_links_their_versioned_library(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     dynamic = subprocess.run(["readelf", "-d", str(out / "train_gpt2cu")], capture_output=True, text=True).stdout
     assert f"[{real_lib.name}]" in dynamic and f"{wheels}/lib" in dynamic
+
+
+def test_tf32_is_an_emit_choice_for_fp32_cublaslt_and_verify_builds_without(tmp_path, monkeypatch):
+    from llmgen import verify as v
+    from llmgen.emit import cuda_build
+    spec = specs.load("test-odd")
+    default = render(spec, "cuda", "fp32")["train_gpt2.cu"]
+    assert "#define CUBLAS_COMPUTE CUBLAS_COMPUTE_32F_FAST_TF32" in default
+    assert "this file was generated with --tf32, the default" in default and "cuBLASLt TF32 matmuls" in default
+    with cuda_build(tf32=False):
+        exact = render(spec, "cuda", "fp32")["train_gpt2.cu"]
+    assert "#define CUBLAS_COMPUTE CUBLAS_COMPUTE_32F\n" in exact and "FAST_TF32" not in exact
+    assert "this file was generated with --no-tf32" in exact and "cuBLASLt fp32 matmuls" in exact
+    for other in (render(spec, "cuda", "bf16")["train_gpt2.cu"], render(spec, "cuda", "fp32", "tiled")["train_gpt2.cu"]):
+        assert not re.search("tf32", other, re.I)  # no fp32 cuBLASLt matmuls: nothing to choose
+    # the command line, and verify's build (make is not run here)
+    out = tmp_path / "cli"
+    assert llmgen("emit", "--spec", "test-odd", "--target", "cuda", "--no-tf32", "-o", out).returncode == 0
+    assert (out / "train_gpt2.cu").read_text() == exact
+    monkeypatch.setattr(v, "make", lambda out_dir, target: out_dir / target)
+    v.build_cuda(spec, tmp_path / "verify", "fp32", "cublaslt")
+    assert (tmp_path / "verify" / "train_gpt2.cu").read_text() == exact
+    assert render(spec, "cuda", "fp32")["train_gpt2.cu"] == default  # the choice lasted only as long as the build
+
+
+def test_recompute_gelu_keeps_one_layer_of_gelu_output():
+    from llmgen.emit import cuda_build
+    spec = specs.load("gpt2-124m")
+    with cuda_build(recompute_gelu=True):
+        src = render(spec, "cuda", "bf16")["train_gpt2.cu"]
+    plain = render(spec, "cuda", "bf16")["train_gpt2.cu"]
+    assert "(size_t)B * T * 4 * CHANNELS * sizeof(floatX), \"the activation fch_gelu\"" in src
+    assert "(size_t)NUM_LAYERS * B * T * 4 * CHANNELS * sizeof(floatX), \"the activation fch_gelu\"" in plain
+    assert src.count("gelu_forward(a.fch_gelu, la.fch, BT * 4 * C);") == 1 and "gelu_forward(a.fch_gelu" not in plain
+    assert "--recompute-gelu" in src and "--recompute-gelu" not in plain

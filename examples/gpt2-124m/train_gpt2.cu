@@ -125,9 +125,12 @@ static void cublas_check(cublasStatus_t status, const char* call, int line) {
     if (status != CUBLAS_STATUS_SUCCESS) { die("cuBLAS error %d at line %d of %s: %s", (int)status, line, __FILE__, call); }
 }
 
+static size_t gpu_bytes_allocated;  // what gpu_malloc has allocated, in bytes
+
 // cudaMalloc, or a message naming what did not fit.
 static void* gpu_malloc(size_t bytes, const char* what) {
     void* p = NULL;
+    gpu_bytes_allocated += bytes;
     if (cudaMalloc(&p, bytes) != cudaSuccess) {
         size_t free_bytes = 0, total_bytes = 0;
         cudaMemGetInfo(&free_bytes, &total_bytes);
@@ -153,11 +156,13 @@ static void gpu_init(void) {
     }
 }
 
-// "NVIDIA H100 80GB HBM3 (sm_90), bf16, cuBLASLt matmuls", for the run summary.
+// "NVIDIA H100 80GB HBM3 (sm_90), bf16, cuBLASLt bf16 matmuls, M MiB (N bytes) on the GPU",
+// for the run summary: the device memory is what gpt2_alloc allocated.
 static const char* hardware_description(void) {
     static char text[512];
-    snprintf(text, sizeof(text), "%s (sm_%d%d), bf16, cuBLASLt matmuls", gpu_properties.name,
-             gpu_properties.major, gpu_properties.minor);
+    snprintf(text, sizeof(text), "%s (sm_%d%d), bf16, cuBLASLt bf16 matmuls, %.1f MiB (%zu bytes) on the GPU",
+             gpu_properties.name, gpu_properties.major, gpu_properties.minor, gpu_bytes_allocated / 1048576.0,
+             gpu_bytes_allocated);
     return text;
 }
 
@@ -545,9 +550,28 @@ static void gelu_backward(floatX* dinp, const floatX* inp, const floatX* dout, s
     cudaCheck(cudaGetLastError());
 }
 
+// Residual connection: out = inp1 + inp2, one thread per element.
+// cuBLASLt adds the residual stream to the projection before it as it computes it (see
+// matmul_forward); this kernel does it after a tiled matmul.
+// Its backward is the identity for both inputs, so the backward pass has no kernel for it:
+// one buffer carries the gradient of the residual stream through every block, and the
+// layernorms add theirs.
+extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* inp1, const floatX* inp2, // (N), (N), (N)
+                                                   size_t N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) { out[i] = to_floatX(to_float(inp1[i]) + to_float(inp2[i])); }
+}
+
+// out may be one of the inputs: each thread reads its elements before writing.
+static void residual_forward(floatX* out, const floatX* inp1, const floatX* inp2, size_t N) {
+    residual_forward_kernel<<<ceil_div(N, BLOCK_SIZE), BLOCK_SIZE>>>(out, inp1, inp2, N);
+    cudaCheck(cudaGetLastError());
+}
+
 // Matmul (a linear layer): out = inp @ weight^T + bias, weight stored (OC,IC) row-major.
-// cuBLASLt does the work, with the bias, and the GELU of the MLP, fused into its epilogue.
-// The tiled kernel below is the fallback for shapes cuBLASLt has no algorithm for.
+// cuBLASLt does the work, with the bias, the MLP's GELU and the residual connections fused
+// into it. The tiled kernel below serves only shapes for which cuBLASLt has no algorithm
+// (it says so on stderr, once per shape); any other cuBLASLt error stops the program.
 //
 // The tiled kernel computes a row-major (M,N) result from two operands read through strides,
 // so that one kernel serves the forward pass and both backward products:
@@ -597,29 +621,21 @@ static void matmul_tiled(floatX* out_x, float* out_f, const floatX* a, size_t a_
 
 // cuBLASLt works on column-major matrices. A row-major (R,C) matrix is a column-major (C,R)
 // one, its transpose, so each product below is written for the transposes:
-//   forward   out^T (OC,N)   = weight^T @ inp^T     (weight is stored as a column-major (IC,OC))
+//   forward   out^T (OC,N)   = weight^T @ inp^T  (+ residual^T)  (weight is stored as a column-major (IC,OC))
 //   dinp^T    (IC,N)         = weight @ dout^T
 //   dweight^T (IC,OC)       += inp^T @ dout
-#define CUBLASLT_WORKSPACE_SIZE (32 * 1024 * 1024)
+#define CUBLASLT_WORKSPACE_SIZE 33554432 // bytes of scratch space for cuBLASLt's algorithms (32 MiB)
+#define MATMUL_PLANS 64                  // plans kept (see MatmulPlan): a step has about 15 shapes, sampling one per length
 #define CUDA_FLOATX CUDA_R_16BF
+// bf16 inputs, fp32 accumulation, on the tensor cores.
+#define CUBLAS_COMPUTE CUBLAS_COMPUTE_32F
 // 1: fuse the MLP's GELU (forward) and its derivative (backward) into cuBLASLt's epilogue.
 // Build with -DGELU_FUSION=0 to use the GELU kernels instead.
 #ifndef GELU_FUSION
 #define GELU_FUSION 1
 #endif
 static cublasLtHandle_t cublaslt_handle;
-static void* cublaslt_workspace;
-static int cublaslt_fallback_noted;  // the first fallback to the tiled kernel is reported
-
-static void cublaslt_init(void) {
-    cublasCheck(cublasLtCreate(&cublaslt_handle));
-    cudaCheck(cudaMalloc(&cublaslt_workspace, CUBLASLT_WORKSPACE_SIZE));
-}
-
-static void cublaslt_free(void) {
-    cudaCheck(cudaFree(cublaslt_workspace));
-    cublasCheck(cublasLtDestroy(cublaslt_handle));
-}
+static void* cublaslt_workspace;  // CUBLASLT_WORKSPACE_SIZE bytes, allocated by gpt2_alloc
 
 // The largest power of two, up to 256, that divides the address.
 static uint32_t pointer_alignment(const void* p) {
@@ -628,90 +644,225 @@ static uint32_t pointer_alignment(const void* p) {
     return align;
 }
 
-// D (m,n) = alpha * op(A) @ op(B) + beta * D, then the epilogue (bias, GELU, or GELU's
-// derivative, which reads aux), fp32 compute. A and B are floatX, stored column-major with
-// leading dimensions lda and ldb; op(X) = X^T where trans_x is set. D (leading dimension m)
-// is d_type: floatX, or fp32 for the weight gradients. Returns 0 without doing anything if
-// cuBLASLt has no algorithm for this case.
-static int cublaslt_matmul(void* d, cudaDataType_t d_type, const floatX* a, int trans_a, int lda,
-                           const floatX* b, int trans_b, int ldb, int m, int n, int k, float alpha, float beta,
-                           cublasLtEpilogue_t epilogue, const floatX* bias, const floatX* aux) {
+// What a cuBLASLt matmul depends on, besides its pointers: its shape, the transposes, the
+// epilogue, the output type, and the alignment of each matrix and of the bias and GELU
+// vectors (the heuristic assumes 256-byte aligned matrices unless told otherwise, and reads
+// the alignment of the bias and aux pointers; a layer's slice of a packed tensor may be less
+// aligned).
+typedef struct {
+    int m, n, k, lda, ldb, trans_a, trans_b;
+    cublasLtEpilogue_t epilogue;
+    cudaDataType_t d_type;
+    uint32_t align_a, align_b, align_c, align_d, align_bias, align_aux;
+} MatmulKey;
+
+// A matmul as cuBLASLt runs it, made once per key and kept: the operation descriptor, the
+// matrix layouts (C has D's) and the algorithm the heuristic chose. Making them and asking the
+// heuristic costs about as much as a small matmul, so doing it at every call would show in a
+// step. The bias and GELU pointers change from call to call: they are set at each call.
+typedef struct {
+    MatmulKey key;
+    int supported;  // 0: cuBLASLt has no algorithm for it; the caller falls back
     cublasLtMatmulDesc_t desc;
-    cublasCheck(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
-    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
-    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
-    if (bias != NULL) {
-        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-    }
-    if (aux != NULL) {
-        int64_t aux_ld = m;
-        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
-        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
-    }
     cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
-    cublasCheck(cublasLtMatrixLayoutCreate(&layout_a, CUDA_FLOATX, trans_a ? k : m, trans_a ? m : k, lda));
-    cublasCheck(cublasLtMatrixLayoutCreate(&layout_b, CUDA_FLOATX, trans_b ? n : k, trans_b ? k : n, ldb));
-    cublasCheck(cublasLtMatrixLayoutCreate(&layout_d, d_type, m, n, m));
-    cublasLtMatmulPreference_t preference;
-    cublasCheck(cublasLtMatmulPreferenceCreate(&preference));
-    size_t workspace_size = CUBLASLT_WORKSPACE_SIZE;
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                     &workspace_size, sizeof(workspace_size)));
-    // Without these the heuristic assumes 256-byte aligned matrices; a layer's slice of a
-    // packed weight may be less aligned, so tell it the real alignment of each pointer.
-    uint32_t align_a = pointer_alignment(a), align_b = pointer_alignment(b), align_d = pointer_alignment(d);
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                                     &align_a, sizeof(align_a)));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                     &align_b, sizeof(align_b)));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                     &align_d, sizeof(align_d)));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                     &align_d, sizeof(align_d)));
-    cublasLtMatmulHeuristicResult_t heuristic;
-    int found = 0;
-    cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, desc, layout_a, layout_b, layout_d,
-                                                           layout_d, preference, 1, &heuristic, &found);
-    int ok = status == CUBLAS_STATUS_SUCCESS && found > 0;
-    if (ok) {
-        cublasCheck(cublasLtMatmul(cublaslt_handle, desc, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d,
-                                   d, layout_d, &heuristic.algo, cublaslt_workspace, CUBLASLT_WORKSPACE_SIZE, 0));
-    } else if (!cublaslt_fallback_noted) {
-        fprintf(stderr, "note: cuBLASLt has no algorithm for a %dx%dx%d matmul with epilogue %d: using the "
-                "fallback (the GELU kernels, or the tiled kernel) for it and any other such case\n", m, n, k, (int)epilogue);
-        cublaslt_fallback_noted = 1;
+    cublasLtMatmulAlgo_t algo;
+} MatmulPlan;
+
+static MatmulPlan matmul_plans[MATMUL_PLANS];
+static int matmul_plans_made;  // plans made so far; the i-th is in slot i % MATMUL_PLANS
+
+static const char* epilogue_name(cublasLtEpilogue_t epilogue) {
+    switch (epilogue) {
+        case CUBLASLT_EPILOGUE_DEFAULT: return "none";
+        case CUBLASLT_EPILOGUE_BIAS: return "bias";
+        case CUBLASLT_EPILOGUE_GELU_AUX: return "GELU";
+        case CUBLASLT_EPILOGUE_GELU_AUX_BIAS: return "bias and GELU";
+        case CUBLASLT_EPILOGUE_DGELU: return "GELU's derivative";
+        default: return "other";
     }
-    cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
-    cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
-    cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
-    cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
-    cublasCheck(cublasLtMatmulDescDestroy(desc));
-    return ok;
 }
 
-// out (N,OC) = inp (N,IC) @ weight^T + bias (OC, or NULL). With pre_gelu (the MLP's first
-// layer): pre_gelu (N,OC) gets that, and out = gelu(pre_gelu).
-static void matmul_forward(floatX* out, floatX* pre_gelu, const floatX* inp, const floatX* weight,
-                           const floatX* bias, int N, int IC, int OC) {
+// The key as words, for messages: "m=768 n=16384 k=3072 (A^T lda 3072, B ldb 3072), epilogue bias, ...".
+static const char* matmul_shape(const MatmulKey* key) {
+    static char text[320];
+    snprintf(text, sizeof(text), "m=%d n=%d k=%d (A%s lda %d, B%s ldb %d), epilogue %s, %s output, alignments "
+             "A %u B %u C %u D %u bias %u aux %u bytes", key->m, key->n, key->k, key->trans_a ? "^T" : "", key->lda,
+             key->trans_b ? "^T" : "", key->ldb, epilogue_name(key->epilogue),
+             key->d_type == CUDA_R_32F ? "fp32" : "bf16", key->align_a, key->align_b, key->align_c, key->align_d,
+             key->align_bias, key->align_aux);
+    return text;
+}
+
+#define cublasPlanCheck(call, key) cublas_plan_check((call), #call, key)
+static void cublas_plan_check(cublasStatus_t status, const char* call, const MatmulKey* key) {
+    if (status != CUBLAS_STATUS_SUCCESS) {
+        die("cuBLASLt error %s for the matmul %s: %s", cublasLtGetStatusName(status), matmul_shape(key), call);
+    }
+}
+
+static void matmul_plan_destroy(MatmulPlan* p) {
+    cublasCheck(cublasLtMatmulDescDestroy(p->desc));
+    cublasCheck(cublasLtMatrixLayoutDestroy(p->layout_a));
+    cublasCheck(cublasLtMatrixLayoutDestroy(p->layout_b));
+    cublasCheck(cublasLtMatrixLayoutDestroy(p->layout_d));
+}
+
+// Point the descriptor's bias and GELU pre-activations (aux) at this call's (each NULL when
+// the epilogue has none).
+static void matmul_plan_point(MatmulPlan* p, const floatX* bias, const floatX* aux) {
+    if (bias != NULL) {
+        cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                       sizeof(bias)), &p->key);
+    }
+    if (aux != NULL) {
+        cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux,
+                                                       sizeof(aux)), &p->key);
+    }
+}
+
+// The plan for a key: the kept one, or a new one (in place of the oldest when the table is
+// full), made with this call's bias and aux pointers. cuBLASLt's heuristic answers
+// CUBLAS_STATUS_NOT_SUPPORTED, or no algorithm, where it has none for the case: then the plan
+// is unsupported and `fallback` (what the caller does instead) is noted on stderr, once for
+// the shape. Any other error is fatal, naming the shape.
+static MatmulPlan* matmul_plan(const MatmulKey* key, const floatX* bias, const floatX* aux, const char* fallback) {
+    int kept = matmul_plans_made < MATMUL_PLANS ? matmul_plans_made : MATMUL_PLANS;
+    for (int i = 0; i < kept; i++) {
+        if (memcmp(&matmul_plans[i].key, key, sizeof(*key)) == 0) { return &matmul_plans[i]; }
+    }
+    MatmulPlan* p = &matmul_plans[matmul_plans_made % MATMUL_PLANS];
+    if (matmul_plans_made >= MATMUL_PLANS) { matmul_plan_destroy(p); }
+    matmul_plans_made++;
+    memset(p, 0, sizeof(*p));
+    p->key = *key;
+    cublasPlanCheck(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE, CUDA_R_32F), key);
+    cublasOperation_t op_a = key->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = key->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)), key);
+    cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)), key);
+    cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &key->epilogue,
+                                                   sizeof(key->epilogue)), key);
+    if (key->epilogue != CUBLASLT_EPILOGUE_DEFAULT && key->epilogue != CUBLASLT_EPILOGUE_BIAS) {
+        int64_t aux_ld = key->m;  // the GELU epilogues' (m,n) matrix of pre-activations
+        cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld,
+                                                       sizeof(aux_ld)), key);
+    }
+    matmul_plan_point(p, bias, aux);
+    int m = key->m, n = key->n, k = key->k;
+    cublasPlanCheck(cublasLtMatrixLayoutCreate(&p->layout_a, CUDA_FLOATX, key->trans_a ? k : m, key->trans_a ? m : k,
+                                               key->lda), key);
+    cublasPlanCheck(cublasLtMatrixLayoutCreate(&p->layout_b, CUDA_FLOATX, key->trans_b ? n : k, key->trans_b ? k : n,
+                                               key->ldb), key);
+    cublasPlanCheck(cublasLtMatrixLayoutCreate(&p->layout_d, key->d_type, m, n, m), key);
+    cublasLtMatmulPreference_t preference;
+    cublasPlanCheck(cublasLtMatmulPreferenceCreate(&preference), key);
+    size_t workspace_size = CUBLASLT_WORKSPACE_SIZE;
+    cublasPlanCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                         &workspace_size, sizeof(workspace_size)), key);
+    const cublasLtMatmulPreferenceAttributes_t align_attributes[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    const uint32_t aligns[4] = {key->align_a, key->align_b, key->align_c, key->align_d};
+    for (int i = 0; i < 4; i++) {
+        cublasPlanCheck(cublasLtMatmulPreferenceSetAttribute(preference, align_attributes[i], &aligns[i],
+                                                             sizeof(aligns[i])), key);
+    }
+    cublasLtMatmulHeuristicResult_t heuristic;
+    int found = 0;
+    cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, p->desc, p->layout_a, p->layout_b,
+                                                           p->layout_d, p->layout_d, preference, 1, &heuristic, &found);
+    cublasPlanCheck(cublasLtMatmulPreferenceDestroy(preference), key);
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) {
+        fprintf(stderr, "note: cuBLASLt has no algorithm for the matmul %s: it runs as %s instead\n",
+                matmul_shape(key), fallback);
+        return p;
+    }
+    cublasPlanCheck(status, key);  // any other answer of the heuristic is an error
+    p->algo = heuristic.algo;
+    p->supported = 1;
+    return p;
+}
+
+static void cublaslt_init(void) {
+    cublasCheck(cublasLtCreate(&cublaslt_handle));
+}
+
+static void cublaslt_free(void) {
+    int kept = matmul_plans_made < MATMUL_PLANS ? matmul_plans_made : MATMUL_PLANS;
+    for (int i = 0; i < kept; i++) { matmul_plan_destroy(&matmul_plans[i]); }
+    matmul_plans_made = 0;
+    cublasCheck(cublasLtDestroy(cublaslt_handle));
+}
+
+// D (m,n) = alpha * op(A) @ op(B) + beta * C, then the epilogue (bias, GELU, or GELU's
+// derivative, which reads aux), fp32 sums. A and B are floatX, stored column-major with
+// leading dimensions lda and ldb; op(X) = X^T where trans_x is set. C and D (leading
+// dimension m) are d_type: floatX, or fp32 for the weight gradients; c is NULL for C = D.
+// Returns 0 without doing anything if cuBLASLt has no algorithm for this case (then the
+// caller does `fallback`).
+static int cublaslt_matmul(void* d, cudaDataType_t d_type, const void* c, const floatX* a, int trans_a, int lda,
+                           const floatX* b, int trans_b, int ldb, int m, int n, int k, float alpha, float beta,
+                           cublasLtEpilogue_t epilogue, const floatX* bias, const floatX* aux, const char* fallback) {
+    if (c == NULL) { c = d; }
+    MatmulKey key;
+    memset(&key, 0, sizeof(key));  // the padding too: keys are compared with memcmp
+    key.m = m;
+    key.n = n;
+    key.k = k;
+    key.lda = lda;
+    key.ldb = ldb;
+    key.trans_a = trans_a;
+    key.trans_b = trans_b;
+    key.epilogue = epilogue;
+    key.d_type = d_type;
+    key.align_a = pointer_alignment(a);
+    key.align_b = pointer_alignment(b);
+    key.align_c = pointer_alignment(c);
+    key.align_d = pointer_alignment(d);
+    key.align_bias = bias != NULL ? pointer_alignment(bias) : 0;
+    key.align_aux = aux != NULL ? pointer_alignment(aux) : 0;
+    MatmulPlan* p = matmul_plan(&key, bias, aux, fallback);
+    if (!p->supported) { return 0; }
+    matmul_plan_point(p, bias, aux);
+    cublasPlanCheck(cublasLtMatmul(cublaslt_handle, p->desc, &alpha, a, p->layout_a, b, p->layout_b, &beta, c,
+                                   p->layout_d, d, p->layout_d, &p->algo, cublaslt_workspace,
+                                   CUBLASLT_WORKSPACE_SIZE,
+                                   0), &key);
+    return 1;
+}
+
+// out (N,OC) = inp (N,IC) @ weight^T + bias (OC, or NULL) + residual ((N,OC), or NULL).
+// With residual, this is a projection and the residual connection after it, in one:
+//   residual2 = residual + attproj(atty),   residual3 = residual2 + fcproj(fch_gelu)
+// so the projection's own output is never stored.
+static void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias,
+                           const floatX* residual, int N, int IC, int OC) {
+    // column-major: out^T (OC,N) = weight^T (OC,IC) @ inp^T (IC,N) + residual^T:  m = OC, n = N, k = IC
+    cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    if (cublaslt_matmul(out, CUDA_FLOATX, residual, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
+                        /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/residual != NULL ? 1.0f : 0.0f, epilogue,
+                        bias, /*aux=*/NULL, "the tiled kernel, about 100x slower")) {
+        return;
+    }
+    // out (N,OC) = inp (N,IC) @ weight^T (IC,OC):  M = N, N = OC, K = IC
+    matmul_tiled(out, NULL, inp, /*a_row=*/IC, /*a_col=*/1, weight, /*b_row=*/1, /*b_col=*/IC, bias,
+                 /*M=*/N, /*N=*/OC, /*K=*/IC, /*alpha=*/1.0f, /*accumulate=*/0);
+    if (residual != NULL) { residual_forward(out, residual, out, (size_t)N * OC); }
+}
+
+// The MLP's first layer: pre_gelu (N,OC) = inp (N,IC) @ weight^T + bias, out = gelu(pre_gelu).
+static void matmul_gelu_forward(floatX* out, floatX* pre_gelu, const floatX* inp, const floatX* weight,
+                                const floatX* bias, int N, int IC, int OC) {
     // column-major: out^T (OC,N) = weight^T (OC,IC) @ inp^T (IC,N):  m = OC, n = N, k = IC
-    if (pre_gelu != NULL && GELU_FUSION) {
+    if (GELU_FUSION) {
         cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
-        if (cublaslt_matmul(out, CUDA_FLOATX, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
-                            /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/0.0f, epilogue, bias, /*aux=*/pre_gelu)) {
+        if (cublaslt_matmul(out, CUDA_FLOATX, NULL, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
+                            /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/0.0f, epilogue, bias, /*aux=*/pre_gelu,
+                            "a matmul and the GELU kernel")) {
             return;
         }
     }
-    floatX* result = pre_gelu != NULL ? pre_gelu : out;
-    cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-    if (!cublaslt_matmul(result, CUDA_FLOATX, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
-                         /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/0.0f, epilogue, bias, /*aux=*/NULL)) {
-        // result (N,OC) = inp (N,IC) @ weight^T (IC,OC):  M = N, N = OC, K = IC
-        matmul_tiled(result, NULL, inp, /*a_row=*/IC, /*a_col=*/1, weight, /*b_row=*/1, /*b_col=*/IC, bias,
-                     /*M=*/N, /*N=*/OC, /*K=*/IC, /*alpha=*/1.0f, /*accumulate=*/0);
-    }
-    if (pre_gelu != NULL) { gelu_forward(out, pre_gelu, (size_t)N * OC); }
+    matmul_forward(pre_gelu, inp, weight, bias, NULL, N, IC, OC);
+    gelu_forward(out, pre_gelu, (size_t)N * OC);
 }
 
 // Backward of out = inp @ weight^T + bias, for the incoming gradient dout_scale * dout:
@@ -725,13 +876,13 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, const fl
                             int N, int IC, int OC, float dout_scale) {
     // column-major: dinp^T (IC,N) = weight^T (IC,OC) @ dout^T (OC,N):  m = IC, n = N, k = OC
     int fused = pre_gelu != NULL && GELU_FUSION &&
-                cublaslt_matmul(dinp, CUDA_FLOATX, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0, /*ldb=*/OC,
-                                /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f, CUBLASLT_EPILOGUE_DGELU, NULL,
-                                /*aux=*/pre_gelu);
+                cublaslt_matmul(dinp, CUDA_FLOATX, NULL, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0,
+                                /*ldb=*/OC, /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f,
+                                CUBLASLT_EPILOGUE_DGELU, NULL, /*aux=*/pre_gelu, "a matmul and the GELU kernel");
     if (!fused) {
-        if (!cublaslt_matmul(dinp, CUDA_FLOATX, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0, /*ldb=*/OC,
-                             /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL,
-                             /*aux=*/NULL)) {
+        if (!cublaslt_matmul(dinp, CUDA_FLOATX, NULL, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0,
+                             /*ldb=*/OC, /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f,
+                             CUBLASLT_EPILOGUE_DEFAULT, NULL, /*aux=*/NULL, "the tiled kernel, about 100x slower")) {
             // dinp (N,IC) = dout (N,OC) @ weight (OC,IC):  M = N, N = IC, K = OC
             matmul_tiled(dinp, NULL, dout, /*a_row=*/OC, /*a_col=*/1, weight, /*b_row=*/IC, /*b_col=*/1, NULL,
                          /*M=*/N, /*N=*/IC, /*K=*/OC, dout_scale, /*accumulate=*/0);
@@ -739,9 +890,9 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, const fl
         if (pre_gelu != NULL) { gelu_backward(dinp, pre_gelu, dinp, (size_t)N * IC); }
     }
     // column-major: dweight^T (IC,OC) += inp^T (IC,N) @ dout (N,OC):  m = IC, n = OC, k = N
-    if (!cublaslt_matmul(dweight, CUDA_R_32F, inp, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/1, /*ldb=*/OC,
+    if (!cublaslt_matmul(dweight, CUDA_R_32F, NULL, inp, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/1, /*ldb=*/OC,
                          /*m=*/IC, /*n=*/OC, /*k=*/N, dout_scale, /*beta=*/1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL,
-                         /*aux=*/NULL)) {
+                         /*aux=*/NULL, "the tiled kernel, about 100x slower")) {
         // dweight (OC,IC) += dout^T (OC,N) @ inp (N,IC):  M = OC, N = IC, K = N
         matmul_tiled(NULL, dweight, dout, /*a_row=*/1, /*a_col=*/OC, inp, /*b_row=*/IC, /*b_col=*/1, NULL,
                      /*M=*/OC, /*N=*/IC, /*K=*/N, dout_scale, /*accumulate=*/1);
@@ -1231,20 +1382,6 @@ static void attention_backward(floatX* dqkv, float* delta, const floatX* dout, c
     cudaCheck(cudaGetLastError());
 }
 
-// Residual connection: out = inp1 + inp2, one thread per element. Its backward is the
-// identity for both inputs, so the backward pass has no kernel for it: one buffer carries
-// the gradient of the residual stream through every block, and the layernorms add theirs.
-extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* inp1, const floatX* inp2, // (N), (N), (N)
-                                                   size_t N) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < N) { out[i] = to_floatX(to_float(inp1[i]) + to_float(inp2[i])); }
-}
-
-static void residual_forward(floatX* out, const floatX* inp1, const floatX* inp2, size_t N) {
-    residual_forward_kernel<<<ceil_div(N, BLOCK_SIZE), BLOCK_SIZE>>>(out, inp1, inp2, N);
-    cudaCheck(cudaGetLastError());
-}
-
 // The fused classifier: softmax, cross-entropy loss and the gradient at the logits, in one
 // kernel and in place, one block per position; the padded entries [V, Vp) take no part.
 //   probs = softmax(logits[0..V))
@@ -1596,10 +1733,10 @@ static LayerGrads layer_grads(const GradientTensors* all, int l) {
 }
 
 // The activations of the forward pass that the backward pass needs, one GPU allocation
-// each. They hold no T x T attention matrices (the attention recomputes them from q, k and
-// att_lse) and no probabilities (the fused classifier turns the logits into their gradient
-// in place).
-#define NUM_ACTIVATION_TENSORS 21
+// each (see device_buffers). They hold no T x T attention matrices (the attention recomputes
+// them from q, k and att_lse), no outputs of the projections before the residual connections
+// (the matmuls add those into the residual stream as they compute them), and no probabilities
+// (the fused classifier turns the logits into their gradient in place).
 typedef struct {
     floatX* encoded;   // (B,T,C) token + position embedding
     floatX* ln1;       // (L,B,T,C) layernorm 1 output
@@ -1608,14 +1745,12 @@ typedef struct {
     floatX* qkv;       // (L,B,T,3C) q, k, v for every position
     floatX* atty;      // (L,B,T,C) attention output, heads concatenated
     float* att_lse;    // (L,B,NH,T) attention softmax statistic: log of the sum of exp(scores) per query
-    floatX* attproj;   // (L,B,T,C) attention output projection
     floatX* residual2; // (L,B,T,C) residual stream after attention
     floatX* ln2;       // (L,B,T,C) layernorm 2 output
     float* ln2_mean;   // (L,B,T) layernorm 2 mean
     float* ln2_rstd;   // (L,B,T) layernorm 2 reciprocal standard deviation
     floatX* fch;       // (L,B,T,4C) MLP hidden pre-activation
     floatX* fch_gelu;  // (L,B,T,4C) MLP hidden after GELU
-    floatX* fcproj;    // (L,B,T,C) MLP output projection
     floatX* residual3; // (L,B,T,C) residual stream after the MLP
     floatX* lnf;       // (B,T,C) final layernorm output
     float* lnf_mean;   // (B,T) final layernorm mean
@@ -1623,76 +1758,6 @@ typedef struct {
     floatX* logits;    // (B,T,Vp) classifier logits; after the classifier's backward, their gradient
     float* losses;     // (B,T) cross-entropy loss at each position
 } ActivationTensors;
-
-// Elements in each activation tensor for a batch of B sequences of T tokens, and bytes per element.
-static void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], size_t bytes[NUM_ACTIVATION_TENSORS], int B, int T) {
-    sizes[0] = (size_t)B * T * CHANNELS;                   // encoded (B,T,C)
-    sizes[1] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // ln1 (L,B,T,C)
-    sizes[2] = (size_t)NUM_LAYERS * B * T;                 // ln1_mean (L,B,T)
-    sizes[3] = (size_t)NUM_LAYERS * B * T;                 // ln1_rstd (L,B,T)
-    sizes[4] = (size_t)NUM_LAYERS * B * T * 3 * CHANNELS;  // qkv (L,B,T,3C)
-    sizes[5] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // atty (L,B,T,C)
-    sizes[6] = (size_t)NUM_LAYERS * B * NUM_HEADS * T;     // att_lse (L,B,NH,T)
-    sizes[7] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // attproj (L,B,T,C)
-    sizes[8] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // residual2 (L,B,T,C)
-    sizes[9] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // ln2 (L,B,T,C)
-    sizes[10] = (size_t)NUM_LAYERS * B * T;                // ln2_mean (L,B,T)
-    sizes[11] = (size_t)NUM_LAYERS * B * T;                // ln2_rstd (L,B,T)
-    sizes[12] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS; // fch (L,B,T,4C)
-    sizes[13] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS; // fch_gelu (L,B,T,4C)
-    sizes[14] = (size_t)NUM_LAYERS * B * T * CHANNELS;     // fcproj (L,B,T,C)
-    sizes[15] = (size_t)NUM_LAYERS * B * T * CHANNELS;     // residual3 (L,B,T,C)
-    sizes[16] = (size_t)B * T * CHANNELS;                  // lnf (B,T,C)
-    sizes[17] = (size_t)B * T;                             // lnf_mean (B,T)
-    sizes[18] = (size_t)B * T;                             // lnf_rstd (B,T)
-    sizes[19] = (size_t)B * T * PADDED_VOCAB_SIZE;         // logits (B,T,Vp)
-    sizes[20] = (size_t)B * T;                             // losses (B,T)
-    bytes[0] = sizeof(floatX);                             // encoded
-    bytes[1] = sizeof(floatX);                             // ln1
-    bytes[2] = sizeof(float);                              // ln1_mean
-    bytes[3] = sizeof(float);                              // ln1_rstd
-    bytes[4] = sizeof(floatX);                             // qkv
-    bytes[5] = sizeof(floatX);                             // atty
-    bytes[6] = sizeof(float);                              // att_lse
-    bytes[7] = sizeof(floatX);                             // attproj
-    bytes[8] = sizeof(floatX);                             // residual2
-    bytes[9] = sizeof(floatX);                             // ln2
-    bytes[10] = sizeof(float);                             // ln2_mean
-    bytes[11] = sizeof(float);                             // ln2_rstd
-    bytes[12] = sizeof(floatX);                            // fch
-    bytes[13] = sizeof(floatX);                            // fch_gelu
-    bytes[14] = sizeof(floatX);                            // fcproj
-    bytes[15] = sizeof(floatX);                            // residual3
-    bytes[16] = sizeof(floatX);                            // lnf
-    bytes[17] = sizeof(float);                             // lnf_mean
-    bytes[18] = sizeof(float);                             // lnf_rstd
-    bytes[19] = sizeof(floatX);                            // logits
-    bytes[20] = sizeof(float);                             // losses
-}
-
-static void activation_pointers(void** ptrs[NUM_ACTIVATION_TENSORS], ActivationTensors* a) {
-    ptrs[0] = (void**)&a->encoded;
-    ptrs[1] = (void**)&a->ln1;
-    ptrs[2] = (void**)&a->ln1_mean;
-    ptrs[3] = (void**)&a->ln1_rstd;
-    ptrs[4] = (void**)&a->qkv;
-    ptrs[5] = (void**)&a->atty;
-    ptrs[6] = (void**)&a->att_lse;
-    ptrs[7] = (void**)&a->attproj;
-    ptrs[8] = (void**)&a->residual2;
-    ptrs[9] = (void**)&a->ln2;
-    ptrs[10] = (void**)&a->ln2_mean;
-    ptrs[11] = (void**)&a->ln2_rstd;
-    ptrs[12] = (void**)&a->fch;
-    ptrs[13] = (void**)&a->fch_gelu;
-    ptrs[14] = (void**)&a->fcproj;
-    ptrs[15] = (void**)&a->residual3;
-    ptrs[16] = (void**)&a->lnf;
-    ptrs[17] = (void**)&a->lnf_mean;
-    ptrs[18] = (void**)&a->lnf_rstd;
-    ptrs[19] = (void**)&a->logits;
-    ptrs[20] = (void**)&a->losses;
-}
 
 // Layer l's slices of the activations of a batch of B x T: layer l's slice of an
 // (L,B,T,...) tensor starts at l*B*T*...
@@ -1703,14 +1768,12 @@ typedef struct {
     floatX* qkv;       // (B,T,3C) q, k, v for every position
     floatX* atty;      // (B,T,C) attention output, heads concatenated
     float* att_lse;    // (B,NH,T) attention softmax statistic: log of the sum of exp(scores) per query
-    floatX* attproj;   // (B,T,C) attention output projection
     floatX* residual2; // (B,T,C) residual stream after attention
     floatX* ln2;       // (B,T,C) layernorm 2 output
     float* ln2_mean;   // (B,T) layernorm 2 mean
     float* ln2_rstd;   // (B,T) layernorm 2 reciprocal standard deviation
     floatX* fch;       // (B,T,4C) MLP hidden pre-activation
     floatX* fch_gelu;  // (B,T,4C) MLP hidden after GELU
-    floatX* fcproj;    // (B,T,C) MLP output projection
     floatX* residual3; // (B,T,C) residual stream after the MLP
 } LayerActs;
 
@@ -1722,27 +1785,23 @@ static LayerActs layer_acts(const ActivationTensors* all, int l, int B, int T) {
     v.qkv = all->qkv + (size_t)l * B * T * 3 * CHANNELS;
     v.atty = all->atty + (size_t)l * B * T * CHANNELS;
     v.att_lse = all->att_lse + (size_t)l * B * NUM_HEADS * T;
-    v.attproj = all->attproj + (size_t)l * B * T * CHANNELS;
     v.residual2 = all->residual2 + (size_t)l * B * T * CHANNELS;
     v.ln2 = all->ln2 + (size_t)l * B * T * CHANNELS;
     v.ln2_mean = all->ln2_mean + (size_t)l * B * T;
     v.ln2_rstd = all->ln2_rstd + (size_t)l * B * T;
     v.fch = all->fch + (size_t)l * B * T * 4 * CHANNELS;
     v.fch_gelu = all->fch_gelu + (size_t)l * B * T * 4 * CHANNELS;
-    v.fcproj = all->fcproj + (size_t)l * B * T * CHANNELS;
     v.residual3 = all->residual3 + (size_t)l * B * T * CHANNELS;
     return v;
 }
 
-// Where the token ids of a batch are grouped by token for the encoder's backward pass.
+// Where the token ids of a batch are grouped by token for the encoder's backward pass: the
+// host's arrays (the GPU's are device buffers).
 static void token_buckets_alloc(TokenBuckets* bk, int BT) {
     bk->tokens = (int*)malloc_check(PADDED_VOCAB_SIZE * sizeof(int));
     bk->starts = (int*)malloc_check((PADDED_VOCAB_SIZE + 1) * sizeof(int));
     bk->positions = (int*)malloc_check((size_t)BT * sizeof(int));
     bk->counts = (int*)calloc_check(PADDED_VOCAB_SIZE, sizeof(int));
-    bk->tokens_gpu = (int*)gpu_malloc(PADDED_VOCAB_SIZE * sizeof(int), "token buckets");
-    bk->starts_gpu = (int*)gpu_malloc((PADDED_VOCAB_SIZE + 1) * sizeof(int), "token buckets");
-    bk->positions_gpu = (int*)gpu_malloc((size_t)BT * sizeof(int), "token buckets");
 }
 
 static void token_buckets_free(TokenBuckets* bk) {
@@ -1750,9 +1809,6 @@ static void token_buckets_free(TokenBuckets* bk) {
     free(bk->starts);
     free(bk->positions);
     free(bk->counts);
-    cudaCheck(cudaFree(bk->tokens_gpu));
-    cudaCheck(cudaFree(bk->starts_gpu));
-    cudaCheck(cudaFree(bk->positions_gpu));
 }
 
 typedef struct {
@@ -1780,40 +1836,76 @@ typedef struct {
     float mean_loss;       // mean of losses after a forward with targets, else -1
 } GPT2;
 
+// Every device allocation, for batches of up to B x T tokens: where its pointer goes, its
+// bytes, and what it holds. gpt2_alloc makes them all, and the program allocates nothing else
+// on the device (but what cuBLASLt keeps for its handle), so their sum is the device memory a
+// run takes: it prints the sum as it starts.
+typedef struct {
+    void** ptr;
+    size_t bytes;
+    const char* what;
+} DeviceBuffer;
+
+#define NUM_DEVICE_BUFFERS 36
+static void device_buffers(DeviceBuffer buffers[NUM_DEVICE_BUFFERS], GPT2* model, int B, int T) {
+    DeviceBuffer list[NUM_DEVICE_BUFFERS] = {
+        {(void**)&model->params_memory, NUM_PARAMETERS * sizeof(floatX), "the parameters"}, // (NUM_PARAMETERS)
+        {(void**)&model->grads_memory, NUM_PARAMETERS * sizeof(float), "the gradients"}, // (NUM_PARAMETERS)
+        {(void**)&model->master_memory, NUM_PARAMETERS * sizeof(float), "the master weights"}, // (NUM_PARAMETERS)
+        {(void**)&model->m_memory, NUM_PARAMETERS * sizeof(float), "AdamW's m"}, // (NUM_PARAMETERS)
+        {(void**)&model->v_memory, NUM_PARAMETERS * sizeof(float), "AdamW's v"}, // (NUM_PARAMETERS)
+        {(void**)&model->acts.encoded, (size_t)B * T * CHANNELS * sizeof(floatX), "the activation encoded"}, // (B,T,C)
+        {(void**)&model->acts.ln1, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation ln1"}, // (L,B,T,C)
+        {(void**)&model->acts.ln1_mean, (size_t)NUM_LAYERS * B * T * sizeof(float), "the activation ln1_mean"}, // (L,B,T)
+        {(void**)&model->acts.ln1_rstd, (size_t)NUM_LAYERS * B * T * sizeof(float), "the activation ln1_rstd"}, // (L,B,T)
+        {(void**)&model->acts.qkv, (size_t)NUM_LAYERS * B * T * 3 * CHANNELS * sizeof(floatX), "the activation qkv"}, // (L,B,T,3C)
+        {(void**)&model->acts.atty, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation atty"}, // (L,B,T,C)
+        {(void**)&model->acts.att_lse, (size_t)NUM_LAYERS * B * NUM_HEADS * T * sizeof(float), "the activation att_lse"}, // (L,B,NH,T)
+        {(void**)&model->acts.residual2, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation residual2"}, // (L,B,T,C)
+        {(void**)&model->acts.ln2, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation ln2"}, // (L,B,T,C)
+        {(void**)&model->acts.ln2_mean, (size_t)NUM_LAYERS * B * T * sizeof(float), "the activation ln2_mean"}, // (L,B,T)
+        {(void**)&model->acts.ln2_rstd, (size_t)NUM_LAYERS * B * T * sizeof(float), "the activation ln2_rstd"}, // (L,B,T)
+        {(void**)&model->acts.fch, (size_t)NUM_LAYERS * B * T * 4 * CHANNELS * sizeof(floatX), "the activation fch"}, // (L,B,T,4C)
+        {(void**)&model->acts.fch_gelu, (size_t)NUM_LAYERS * B * T * 4 * CHANNELS * sizeof(floatX), "the activation fch_gelu"}, // (L,B,T,4C)
+        {(void**)&model->acts.residual3, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation residual3"}, // (L,B,T,C)
+        {(void**)&model->acts.lnf, (size_t)B * T * CHANNELS * sizeof(floatX), "the activation lnf"}, // (B,T,C)
+        {(void**)&model->acts.lnf_mean, (size_t)B * T * sizeof(float), "the activation lnf_mean"}, // (B,T)
+        {(void**)&model->acts.lnf_rstd, (size_t)B * T * sizeof(float), "the activation lnf_rstd"}, // (B,T)
+        {(void**)&model->acts.logits, (size_t)B * T * PADDED_VOCAB_SIZE * sizeof(floatX), "the activation logits"}, // (B,T,Vp)
+        {(void**)&model->acts.losses, (size_t)B * T * sizeof(float), "the activation losses"}, // (B,T)
+        {(void**)&model->dresidual, (size_t)B * T * CHANNELS * sizeof(floatX), "the backward pass"}, // (B,T,C)
+        {(void**)&model->dscratch, (size_t)B * T * CHANNELS * sizeof(floatX), "the backward pass"}, // (B,T,C)
+        {(void**)&model->dscratch4, (size_t)B * T * 4 * CHANNELS * sizeof(floatX), "the backward pass"}, // (B,T,4C)
+        {(void**)&model->att_delta, (size_t)B * NUM_HEADS * T * sizeof(float), "the backward pass"}, // (B,NH,T)
+        {(void**)&model->reduce_scratch, (size_t)reduce_chunks(B * T) * 4 * CHANNELS * sizeof(float), "the backward pass"}, // (chunks,4C)
+        {(void**)&model->norm_partial, NORM_BLOCKS * sizeof(double), "the gradient norm"}, // (NORM_BLOCKS)
+        {(void**)&model->inputs_gpu, (size_t)B * T * sizeof(int), "the inputs"}, // (B,T)
+        {(void**)&model->targets_gpu, (size_t)B * T * sizeof(int), "the targets"}, // (B,T)
+        {(void**)&model->buckets.tokens_gpu, PADDED_VOCAB_SIZE * sizeof(int), "token buckets"}, // (Vp)
+        {(void**)&model->buckets.starts_gpu, (PADDED_VOCAB_SIZE + 1) * sizeof(int), "token buckets"}, // (Vp+1)
+        {(void**)&model->buckets.positions_gpu, (size_t)B * T * sizeof(int), "token buckets"}, // (B,T)
+        {(void**)&cublaslt_workspace, CUBLASLT_WORKSPACE_SIZE, "cuBLASLt's workspace"}, // (32 MiB)
+    };
+    memcpy(buffers, list, sizeof(list));
+}
+
 // Take the GPU and allocate everything for batches of up to B x T tokens; the parameters
 // are left for gpt2_init_random or gpt2_load to fill.
 static void gpt2_alloc(GPT2* model, int B, int T) {
     memset(model, 0, sizeof(*model));
     gpu_init();
     cublaslt_init();
-    size_t BT = (size_t)B * T, C = CHANNELS;
-    model->params_memory = (floatX*)gpu_malloc(NUM_PARAMETERS * sizeof(floatX), "the parameters");
-    model->grads_memory = (float*)gpu_malloc(NUM_PARAMETERS * sizeof(float), "the gradients");
-    model->master_memory = (float*)gpu_malloc(NUM_PARAMETERS * sizeof(float), "the master weights");
-    model->m_memory = (float*)gpu_malloc(NUM_PARAMETERS * sizeof(float), "AdamW's m");
-    model->v_memory = (float*)gpu_malloc(NUM_PARAMETERS * sizeof(float), "AdamW's v");
+    DeviceBuffer buffers[NUM_DEVICE_BUFFERS];
+    device_buffers(buffers, model, B, T);
+    for (int i = 0; i < NUM_DEVICE_BUFFERS; i++) { *buffers[i].ptr = gpu_malloc(buffers[i].bytes, buffers[i].what); }
     cudaCheck(cudaMemset(model->grads_memory, 0, NUM_PARAMETERS * sizeof(float)));
     cudaCheck(cudaMemset(model->m_memory, 0, NUM_PARAMETERS * sizeof(float)));
     cudaCheck(cudaMemset(model->v_memory, 0, NUM_PARAMETERS * sizeof(float)));
     point_parameters(&model->params, model->params_memory);
     point_gradients(&model->grads, model->grads_memory);
 
-    size_t sizes[NUM_ACTIVATION_TENSORS], bytes[NUM_ACTIVATION_TENSORS];
-    void** ptrs[NUM_ACTIVATION_TENSORS];
-    activation_sizes(sizes, bytes, B, T);
-    activation_pointers(ptrs, &model->acts);
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *ptrs[i] = gpu_malloc(sizes[i] * bytes[i], "the activations"); }
-
-    model->dresidual = (floatX*)gpu_malloc(BT * C * sizeof(floatX), "the backward pass");
-    model->dscratch = (floatX*)gpu_malloc(BT * C * sizeof(floatX), "the backward pass");
-    model->dscratch4 = (floatX*)gpu_malloc(BT * 4 * C * sizeof(floatX), "the backward pass");
-    model->att_delta = (float*)gpu_malloc(BT * NUM_HEADS * sizeof(float), "the backward pass");
-    model->reduce_scratch = (float*)gpu_malloc((size_t)reduce_chunks((int)BT) * 4 * C * sizeof(float), "the backward pass");
-    model->norm_partial = (double*)gpu_malloc(NORM_BLOCKS * sizeof(double), "the gradient norm");
-    model->inputs_gpu = (int*)gpu_malloc(BT * sizeof(int), "the inputs");
-    model->targets_gpu = (int*)gpu_malloc(BT * sizeof(int), "the targets");
+    size_t BT = (size_t)B * T;
     token_buckets_alloc(&model->buckets, (int)BT);
-
     model->inputs = (int*)calloc_check(BT, sizeof(int));
     model->losses = (float*)calloc_check(BT, sizeof(float));
     model->logits_row = (floatX*)malloc_check(PADDED_VOCAB_SIZE * sizeof(floatX));
@@ -1824,22 +1916,9 @@ static void gpt2_alloc(GPT2* model, int B, int T) {
 }
 
 static void gpt2_free(GPT2* model) {
-    cudaCheck(cudaFree(model->params_memory));
-    cudaCheck(cudaFree(model->grads_memory));
-    cudaCheck(cudaFree(model->master_memory));
-    cudaCheck(cudaFree(model->m_memory));
-    cudaCheck(cudaFree(model->v_memory));
-    void** ptrs[NUM_ACTIVATION_TENSORS];
-    activation_pointers(ptrs, &model->acts);
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { cudaCheck(cudaFree(*ptrs[i])); }
-    cudaCheck(cudaFree(model->dresidual));
-    cudaCheck(cudaFree(model->dscratch));
-    cudaCheck(cudaFree(model->dscratch4));
-    cudaCheck(cudaFree(model->att_delta));
-    cudaCheck(cudaFree(model->reduce_scratch));
-    cudaCheck(cudaFree(model->norm_partial));
-    cudaCheck(cudaFree(model->inputs_gpu));
-    cudaCheck(cudaFree(model->targets_gpu));
+    DeviceBuffer buffers[NUM_DEVICE_BUFFERS];
+    device_buffers(buffers, model, model->B, model->T);
+    for (int i = 0; i < NUM_DEVICE_BUFFERS; i++) { cudaCheck(cudaFree(*buffers[i].ptr)); }
     token_buckets_free(&model->buckets);
     free(model->inputs);
     free(model->losses);
@@ -1909,18 +1988,16 @@ static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int
         LayerParams lp = layer_params(&p, l);
         LayerActs la = layer_acts(&a, l, B, T);
         layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, residual, lp.ln1w, lp.ln1b, BT, C);
-        matmul_forward(la.qkv, NULL, la.ln1, lp.qkvw, lp.qkvb, BT, C, 3 * C);
+        matmul_forward(la.qkv, la.ln1, lp.qkvw, lp.qkvb, NULL, BT, C, 3 * C);
         attention_forward(la.atty, la.att_lse, la.qkv, B, T, NH);
-        matmul_forward(la.attproj, NULL, la.atty, lp.attprojw, lp.attprojb, BT, C, C);
-        residual_forward(la.residual2, residual, la.attproj, BT * C);
+        matmul_forward(la.residual2, la.atty, lp.attprojw, lp.attprojb, residual, BT, C, C);  // residual + attproj(atty)
         layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, lp.ln2w, lp.ln2b, BT, C);
-        matmul_forward(la.fch_gelu, la.fch, la.ln2, lp.fcw, lp.fcb, BT, C, 4 * C);  // fch_gelu = gelu(fch)
-        matmul_forward(la.fcproj, NULL, la.fch_gelu, lp.fcprojw, lp.fcprojb, BT, 4 * C, C);
-        residual_forward(la.residual3, la.residual2, la.fcproj, BT * C);
+        matmul_gelu_forward(la.fch_gelu, la.fch, la.ln2, lp.fcw, lp.fcb, BT, C, 4 * C);                // fch_gelu = gelu(fch)
+        matmul_forward(la.residual3, la.fch_gelu, lp.fcprojw, lp.fcprojb, la.residual2, BT, 4 * C, C); // residual2 + fcproj(fch_gelu)
         residual = la.residual3;
     }
     layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p.lnfw, p.lnfb, BT, C);
-    matmul_forward(a.logits, NULL, a.lnf, p.wte, NULL, BT, C, PADDED_VOCAB_SIZE);  // tied classifier
+    matmul_forward(a.logits, a.lnf, p.wte, NULL, NULL, BT, C, PADDED_VOCAB_SIZE);  // tied classifier
 
     model->mean_loss = targets != NULL ? classifier_losses(model, targets, 1.0f, BT) : -1.0f;
 }
