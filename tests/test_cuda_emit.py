@@ -136,7 +136,21 @@ def test_compiles_without_warnings_for_sm80_and_sm90(tmp_path, precision, matmul
 @needs_nvcc
 @pytest.mark.slow
 def test_gpt2_124m_bf16_and_its_harness_compile(tmp_path):
-    out = build_cuda(tmp_path, "gpt2-124m", "bf16", "cublaslt", arch="90")
+    """The production build (gpt2-124m, bf16, cuBLASLt) for sm_90, warning-free, with ptxas's
+    report: no kernel of the whole trainer spills (tests/test_cuda_registers.py checks the
+    kernels alone for both architectures and head sizes); the harness for sm_80."""
+    from test_cuda_registers import kernel_names, ptxas_report
+    out = tmp_path / "gpt2-124m"
+    emit(specs.load("gpt2-124m"), out, "cuda", "bf16")
+    result = make(out, "train_gpt2cu", "GPU_ARCH=90", f"NVCCFLAGS={WERROR} -Xptxas -v")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not [line for line in result.stderr.splitlines() if not line.startswith(("ptxas info", "    "))], result.stderr
+    report = ptxas_report(result.stderr)
+    assert {k for k, _ in report} == kernel_names((out / "train_gpt2.cu").read_text())
+    spilled = {k: e for k, e in report.items() if e["spill_stores"] or e["spill_loads"] or e["stack"]}
+    assert not spilled, spilled
+    print("\nthe trainer's kernels, sm_90 registers per thread: " +
+          ", ".join(f"{k} {e['registers']}" for (k, _), e in sorted(report.items())))
     result = make(out, "test_gpt2cu", "GPU_ARCH=80", f"NVCCFLAGS={WERROR}")
     assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr
 
