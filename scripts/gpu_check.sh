@@ -17,7 +17,7 @@
 # Exit status: 0 all reached checks passed, 1 a check failed, 2 no GPU (nothing checked).
 #
 # On the machine with the checkout, once:
-#   mkdir -p .whl && cp ../shared/gpu/wheels/*.whl .whl/ && echo /.whl/ >> .git/info/exclude
+#   mkdir -p .whl && cp ../shared/gpu/wheels/*.whl .whl/      (.whl/ is git-ignored)
 # then through the device tool (it copies the checkout, .whl/ given as carried):
 #   bash scripts/gpu_check.sh "$OUT"
 set -uo pipefail
