@@ -840,7 +840,7 @@ static void matmul_forward(floatX* out, const floatX* inp, const floatX* weight,
     cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
     if (cublaslt_matmul(out, CUDA_FLOATX, residual, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
                         /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/residual != NULL ? 1.0f : 0.0f, epilogue,
-                        bias, /*aux=*/NULL, "the tiled kernel, about 100x slower")) {
+                        bias, /*aux=*/NULL, "the tiled kernel (about 100x slower)")) {
         return;
     }
     // out (N,OC) = inp (N,IC) @ weight^T (IC,OC):  M = N, N = OC, K = IC
@@ -882,7 +882,7 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, const fl
     if (!fused) {
         if (!cublaslt_matmul(dinp, CUDA_FLOATX, NULL, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0,
                              /*ldb=*/OC, /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f,
-                             CUBLASLT_EPILOGUE_DEFAULT, NULL, /*aux=*/NULL, "the tiled kernel, about 100x slower")) {
+                             CUBLASLT_EPILOGUE_DEFAULT, NULL, /*aux=*/NULL, "the tiled kernel (about 100x slower)")) {
             // dinp (N,IC) = dout (N,OC) @ weight (OC,IC):  M = N, N = IC, K = OC
             matmul_tiled(dinp, NULL, dout, /*a_row=*/OC, /*a_col=*/1, weight, /*b_row=*/IC, /*b_col=*/1, NULL,
                          /*M=*/N, /*N=*/IC, /*K=*/OC, dout_scale, /*accumulate=*/0);
@@ -892,7 +892,7 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, const fl
     // column-major: dweight^T (IC,OC) += inp^T (IC,N) @ dout (N,OC):  m = IC, n = OC, k = N
     if (!cublaslt_matmul(dweight, CUDA_R_32F, NULL, inp, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/1, /*ldb=*/OC,
                          /*m=*/IC, /*n=*/OC, /*k=*/N, dout_scale, /*beta=*/1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL,
-                         /*aux=*/NULL, "the tiled kernel, about 100x slower")) {
+                         /*aux=*/NULL, "the tiled kernel (about 100x slower)")) {
         // dweight (OC,IC) += dout^T (OC,N) @ inp (N,IC):  M = OC, N = IC, K = N
         matmul_tiled(NULL, dweight, dout, /*a_row=*/1, /*a_col=*/OC, inp, /*b_row=*/IC, /*b_col=*/1, NULL,
                      /*M=*/OC, /*N=*/IC, /*K=*/N, dout_scale, /*accumulate=*/1);
