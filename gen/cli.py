@@ -118,12 +118,25 @@ def spec_options(f=None, *, default=DEFAULT_SPEC):
 
 
 def cuda_options(f):
-    """--precision and --matmul, which choose the CUDA trainer's variant."""
-    f = click.option("--matmul", type=click.Choice(Matmul.values()), default=Matmul.CUBLASLT.value,
-                     show_default=True, help="CUDA matmuls: cuBLASLt, or a readable tiled shared-memory kernel")(f)
+    """--precision, --matmul, --tf32 and --recompute-gelu, which choose the CUDA trainer's variant.
+    The last two reach the emitter through emit.cuda_build, for the duration of the command."""
+    @functools.wraps(f)
+    def wrapper(*args, tf32, recompute_gelu, **kwargs):
+        from .emit import cuda_build
+        with cuda_build(tf32=tf32, recompute_gelu=recompute_gelu):
+            return f(*args, **kwargs)
+    wrapper = click.option("--recompute-gelu/--no-recompute-gelu", default=False, show_default=True,
+                           help="CUDA: keep one layer's GELU output and recompute each layer's in the backward "
+                                "(less memory; as llm.c's -r 1)")(wrapper)
+    wrapper = click.option("--tf32/--no-tf32", default=True, show_default=True,
+                           help="CUDA fp32: cuBLASLt matmuls in TF32 on the tensor cores, or exact fp32 "
+                                "(verify always builds exact fp32)")(wrapper)
+    wrapper = click.option("--matmul", type=click.Choice(Matmul.values()), default=Matmul.CUBLASLT.value,
+                           show_default=True,
+                           help="CUDA matmuls: cuBLASLt, or a readable tiled shared-memory kernel")(wrapper)
     return click.option("--precision", type=click.Choice(Precision.values()), default=Precision.FP32.value,
                         show_default=True,
-                        help="CUDA parameters and activations (bf16 keeps fp32 master weights and AdamW state)")(f)
+                        help="CUDA parameters and activations (bf16 keeps fp32 master weights and AdamW state)")(wrapper)
 
 
 # ---- the quickstart ---------------------------------------------------------------------
@@ -278,25 +291,42 @@ def emit(spec, out_dir, target, precision, matmul, build):
 @spec_options
 @click.option("-b", "batch", type=POSITIVE, default=4, show_default=True, help="micro-batch size B")
 @click.option("-t", "seq_len", type=POSITIVE, help="sequence length T  [default: min(max_seq_len, 64)]")
-def info(spec, batch, seq_len):
-    """Parameter count, memory of the C trainer, and training FLOPs per token of a spec."""
+@click.option("--target", type=click.Choice([Target.C.value, Target.CUDA.value]), default=Target.C.value,
+              show_default=True, help="the memory of the C trainer, or the GPU memory of the CUDA one")
+@cuda_options
+def info(spec, batch, seq_len, target, precision, matmul):
+    """Parameter count, memory of the C trainer (or, with --target cuda, the device memory the
+    CUDA trainer allocates: it prints the same total as it starts), and training FLOPs per
+    token of a spec."""
     T = seq_len or min(spec.max_seq_len, 64)
     if T > spec.max_seq_len:
         raise LlmgenError(f"-t {T}: must be at most the spec's max_seq_len {spec.max_seq_len}")
     n = num_params(spec)
-    rows = [("parameters", n), ("gradients", n), ("AdamW m and v", 2 * n),
-            (f"activations (B={batch}, T={T})", num_acts(spec, batch, T)),
-            ("activation gradients", num_acts(spec, batch, T, grads=True))]
     flops = specs.flops_per_token(spec, T)
     click.echo(f"{spec.name} ({spec.source})")
     click.echo(f"  {spec.n_layer} layers, {spec.n_head} heads of {spec.head_size}, {spec.n_embd} channels, "
                f"vocab {spec.vocab_size} padded to {spec.padded_vocab_size}, max_seq_len {spec.max_seq_len}")
     click.echo(f"  blocks: {specs.describe_blocks(spec)}")
     click.echo(f"parameters: {num_params(spec, padded=False):,} ({n:,} with the padded vocab)")
-    click.echo("memory of the C trainer (fp32):")
-    for name, floats in rows:
-        click.echo(f"  {name:<32} {floats * 4 / MIB:>12,.1f} MiB")
-    click.echo(f"  {'total':<32} {sum(f for _, f in rows) * 4 / MIB:>12,.1f} MiB")
+    if target == Target.CUDA.value:
+        from .emit import cuda_context, device_memory
+        ctx = cuda_context(spec, precision, matmul)
+        rows = device_memory(spec, batch, T, precision, matmul)
+        matmuls = f"cuBLASLt {'TF32' if ctx['tf32'] else precision}" if ctx["cublaslt"] else "tiled"
+        extra = ", GELU recomputed" if ctx["recompute_gelu"] else ""
+        click.echo(f"device memory of the CUDA trainer ({precision}, {matmuls} matmuls{extra}) at B={batch}, T={T}:")
+        for name, nbytes in rows:
+            click.echo(f"  {name:<32} {nbytes / MIB:>12,.1f} MiB")
+        total = sum(b for _, b in rows)
+        click.echo(f"  {'total':<32} {total / MIB:>12,.1f} MiB ({total:,} bytes)")
+    else:
+        rows = [("parameters", n), ("gradients", n), ("AdamW m and v", 2 * n),
+                (f"activations (B={batch}, T={T})", num_acts(spec, batch, T)),
+                ("activation gradients", num_acts(spec, batch, T, grads=True))]
+        click.echo("memory of the C trainer (fp32):")
+        for name, floats in rows:
+            click.echo(f"  {name:<32} {floats * 4 / MIB:>12,.1f} MiB")
+        click.echo(f"  {'total':<32} {sum(f for _, f in rows) * 4 / MIB:>12,.1f} MiB")
     click.echo(f"training FLOPs per token: {flops['total']:,} at T={T} (matmuls {flops['matmul']:,}: 6 per weight; "
                f"attention {flops['attention']:,}: 6LC(T+1)); {flops['total'] * batch * T / 1e9:,.1f} GFLOP per "
                "step of B*T tokens")

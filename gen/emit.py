@@ -7,8 +7,12 @@ template aligns anything by hand.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -19,7 +23,7 @@ from .enums import Init, Matmul, Mlp, Norm, Position, Precision, Target
 from .errors import LlmgenError
 from .fileio import write_atomic
 from .spec import Spec, describe_blocks
-from .tensors import Act, Param, activation_name, activations, num_params, parameters, shape_comment
+from .tensors import Act, Param, _cuda_acts, activation_name, activations, num_params, numel, parameters, shape_comment
 
 # Symbolic dimension -> C expression, for sizes that depend on B and T at run time.
 C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNELS", "HS": "HEAD_SIZE",
@@ -32,7 +36,7 @@ def layers(spec: Spec) -> tuple[str, ...]:
     return ("encoder", spec.norm.value, *(("rope",) if spec.position is Position.ROPE else ()), "matmul",
             "attention", spec.mlp.value, "residual", "classifier")
 # The CUDA kernel templates under templates/cuda/layers/, in file order.
-CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "matmul", "attention", "residual",
+CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "residual", "matmul", "attention",
                "classifier", "adamw", "norm")
 
 
@@ -236,53 +240,261 @@ def c_context(spec: Spec) -> dict:
     return ctx
 
 
-def kernel_constants(spec: Spec) -> list[tuple[str, int, str]]:
-    """Launch shapes of the CUDA kernels, with the reason for each, printed as #defines;
-    the PyCUDA tests launch with them too (kernel_values)."""
+@dataclass(frozen=True)
+class CudaBuild:
+    """Choices of the CUDA trainer besides its precision and matmul path.
+
+    tf32: the fp32 cuBLASLt matmuls run on the tensor cores in TF32 (llm.c's default); off,
+      they are exact fp32 (as `llmgen verify` builds them). A bf16 trainer has no fp32 matmuls.
+    recompute_gelu: the forward keeps one layer's GELU output instead of every layer's, and
+      the backward recomputes it from the pre-activation (llm.c's -r 1): less memory, one
+      more GELU per layer in the backward.
+    """
+    tf32: bool = True
+    recompute_gelu: bool = False
+
+
+# The CudaBuild of the command being run: render() and emit() take only precision and
+# matmul, so the command line's CUDA options (cli.cuda_options) set this for the duration
+# of a command, and cuda_context reads it.
+_CUDA_BUILD: contextvars.ContextVar[CudaBuild] = contextvars.ContextVar("llmgen_cuda_build", default=CudaBuild())
+
+
+@contextlib.contextmanager
+def cuda_build(**choices):
+    """Within the block, the CUDA trainer is emitted with these CudaBuild choices (the others
+    as they are): `with cuda_build(tf32=False): emit(...)`."""
+    token = _CUDA_BUILD.set(dataclasses.replace(_CUDA_BUILD.get(), **choices))
+    try:
+        yield
+    finally:
+        _CUDA_BUILD.reset(token)
+
+
+def current_cuda_build() -> CudaBuild:
+    return _CUDA_BUILD.get()
+
+
+# Tensor-core attention (bf16): head sizes it takes, and the most registers per thread its
+# tiles may plan for (of 255), leaving the rest for addresses, loop counters and temporaries.
+FLASH_HEAD_SIZES = range(16, 129, 16)
+FLASH_REGISTER_PLAN = 168
+
+
+def flash_tiles(spec: Spec, precision: Precision | str) -> dict | None:
+    """Tile sizes of the tensor-core attention (cuda/layers/attention.cu.j2), or None where it
+    does not apply (fp32, or a head size that is not a multiple of 16 up to 128): then the
+    simple kernels run.
+
+    A block is FLASH_WARPS warps; each warp owns 16 rows (the M of one mma.m16n8k16) of
+    queries (forward, dq) or of keys (dk, dv). Per thread a 16 x N fp32 accumulator takes N/2
+    registers and a 16 x K bf16 operand K/4. The other side's rows stream through shared
+    memory in tiles, as large as the registers allow (64 rows, else 32, else 16):
+      forward  Q (HS/4), O (HS/2), S of a key tile (BK/2) and its bf16 copy P (BK/4)
+      dq       Q, dO (HS/4 each), dQ (HS/2), S and dP of a key tile (BK/2 each), dS (BK/4)
+      dk, dv   dK, dV (HS/2 each), S^T and dP^T of a query tile (BQ/2 each), P^T, dS^T (BQ/4 each);
+               this block's K and V rows wait in shared memory, read as they are needed
+    Shared memory stays within the 48 KiB a kernel gets without asking: rows of HS + 8 bf16
+    (the padding makes the fragment loads free of bank conflicts).
+    """
     HS = spec.head_size
-    return [
+    if Precision.parse(precision, "precision") is not Precision.BF16 or HS not in FLASH_HEAD_SIZES:
+        return None
+    warps = 4
+    rows = 16 * warps
+    stride = HS + 8
+
+    def largest(registers, smem_rows):
+        for tile in (64, 32, 16):
+            if registers(tile) <= FLASH_REGISTER_PLAN and smem_rows(tile) * stride * 2 <= 48 * 1024:
+                return tile
+        raise AssertionError(f"no flash tile fits head size {HS}")
+
+    bk = largest(lambda t: HS // 4 + HS // 2 + t // 2 + t // 4, lambda t: 2 * t)
+    bk_dq = largest(lambda t: HS // 2 + HS // 2 + t + t // 4, lambda t: 2 * t)
+    bq_dkdv = largest(lambda t: HS + t + t // 2, lambda t: 2 * rows + 2 * t)
+    return {"warps": warps, "rows": rows, "bk": bk, "bk_dq": bk_dq, "bq_dkdv": bq_dkdv, "stride": stride}
+
+
+def attention_lanes(spec: Spec) -> tuple[int, int, int, int]:
+    """The simple attention kernels' shape: (lanes, slice, rows, key_rows). `lanes` threads
+    share one query (or key) row, each holding `slice` of its HEAD_SIZE channels (at most 16,
+    so that the dk, dv kernel's four rows k, v, dk, dv stay in registers: 64 floats); `rows`
+    rows make a block of at most 256 threads; `key_rows` rows of the other side pass through
+    shared memory at a time (two tiles of floats: at most 32 KiB)."""
+    HS = spec.head_size
+    lanes = 1
+    while lanes < 32 and lanes * 16 < HS:
+        lanes *= 2
+    slice_ = -(-HS // lanes)
+    rows = max(8, min(64, 256 // lanes))
+    key_rows = max(1, min(32, 4096 // HS))
+    return lanes, slice_, rows, key_rows
+
+
+def kernel_constants(spec: Spec, precision: Precision | str = Precision.FP32) -> list[tuple[str, int, str]]:
+    """Launch shapes of the CUDA kernels, with the reason for each, printed as #defines;
+    the PyCUDA tests launch with them too (kernel_values). The attention's depend on the
+    kernels it uses: the tensor-core ones (bf16, flash_tiles) or the simple ones."""
+    constants = [
         ("BLOCK_SIZE", 256, "threads per block of the element-wise kernels"),
         ("LN_ROWS_PER_BLOCK", 8, "layernorm: one warp per row, 8 rows (256 threads) per block"),
         ("REDUCE_ROWS", 256, "column sums: rows per block (chunk) in the first stage"),
         ("CLASSIFIER_BLOCK", 512, "fused classifier: threads per row, each handling Vp / 512 logits"),
         ("NORM_BLOCKS", 512, "gradient norm: blocks in the first stage, a fixed number so the sum is deterministic"),
         ("TILE", 16, "tiled matmul: TILE x TILE outputs per block, one per thread"),
-        ("ATT_BQ", 64, "attention: queries (or keys) per block, one per thread"),
-        ("ATT_BK", max(1, min(32, 4096 // HS)),
-         "attention: key (or query) rows per shared-memory tile (two tiles of ATT_BK x HS floats: <= 32 KiB)"),
     ]
+    flash = flash_tiles(spec, precision)
+    if flash is None:
+        lanes, slice_, rows, key_rows = attention_lanes(spec)
+        constants += [
+            ("ATT_BQ", rows, f"attention: query (or key) rows per block, {lanes} thread{'s' if lanes > 1 else ''} "
+                             "each (at most 256 threads)"),
+            ("ATT_BK", key_rows,
+             "attention: key (or query) rows per shared-memory tile (two tiles of ATT_BK x HS floats: <= 32 KiB)"),
+            ("HEAD_LANES", lanes, "attention: threads sharing a row, consecutive lanes of one warp; lane j holds "
+                                  "channels j, j + HEAD_LANES, ..."),
+            ("HEAD_SLICE", slice_, "attention: channels per thread, HEAD_SIZE / HEAD_LANES rounded up (at most 16)"),
+        ]
+    else:
+        HS = spec.head_size
+        constants += [
+            ("FLASH_WARPS", flash["warps"], "tensor-core attention: warps per block, 16 query (or key) rows each"),
+            ("FLASH_ROWS", flash["rows"], "tensor-core attention: query (or key) rows per block, 16 * FLASH_WARPS"),
+            ("FLASH_BK", flash["bk"], f"forward: keys per shared-memory tile ({flash['bk'] // 2} fp32 scores "
+                                      f"per thread, with Q and O of HS {HS}, in registers)"),
+            ("FLASH_BK_DQ", flash["bk_dq"], f"dq: keys per shared-memory tile ({flash['bk_dq']} fp32 S and dP "
+                                            "values per thread, with Q, dO and dQ, in registers)"),
+            ("FLASH_BQ_DKDV", flash["bq_dkdv"], f"dk, dv: queries per shared-memory tile ({flash['bq_dkdv']} fp32 "
+                                                "S^T and dP^T values per thread, with dK and dV, in registers)"),
+            ("FLASH_STRIDE", flash["stride"], "shared-memory row: HEAD_SIZE + 8 bf16, so that the 8 rows of a "
+                                              "fragment load fall in different banks"),
+        ]
+    return constants
 
 
-def kernel_values(spec: Spec) -> dict[str, int]:
-    return {name: value for name, value, _ in kernel_constants(spec)}
+def kernel_values(spec: Spec, precision: Precision | str = Precision.FP32) -> dict[str, int]:
+    return {name: value for name, value, _ in kernel_constants(spec, precision)}
 
 
-def cuda_context(spec: Spec, precision: Precision | str = Precision.FP32, matmul: Matmul | str = Matmul.CUBLASLT) -> dict:
-    """What the CUDA trainer's templates print: precision, matmul path, its activations."""
+def cuda_context(spec: Spec, precision: Precision | str = Precision.FP32, matmul: Matmul | str = Matmul.CUBLASLT,
+                 build: CudaBuild | None = None) -> dict:
+    """What the CUDA trainer's templates print: precision, matmul path, the build choices
+    (those of the command being run unless given), its activations and device buffers."""
     precision = Precision.parse(precision, "precision")
     matmul = Matmul.parse(matmul, "matmul")
+    build = build or current_cuda_build()
     ctx = _common_context(spec, "train_gpt2cu")
     bf16 = precision is Precision.BF16
-    acts = [_act(a, "floatX") for a in activations(spec, Target.CUDA)]
+    cublaslt = matmul is Matmul.CUBLASLT
+    act_list = _cuda_acts(build.recompute_gelu)
+    acts = [_act(a, "floatX") for a in act_list]
     C = spec.n_embd
+    flash = flash_tiles(spec, precision)
     ctx.update({
         "target": "cuda",
         "precision": precision.value,
         "bf16": bf16,
         "model_version": 5 if bf16 else 3,
-        "cublaslt": matmul is Matmul.CUBLASLT,
+        "cublaslt": cublaslt,
         "matmul": matmul.value,
+        # TF32 concerns the fp32 cuBLASLt matmuls only (the tiled kernel is exact fp32)
+        "tf32": int(build.tf32 and cublaslt and not bf16),
+        "recompute_gelu": build.recompute_gelu,
         "cuda_acts": acts,
         "layer_acts": [a for a in acts if a["per_layer"]],
-        "kernel_constants": [{"name": n, "value": v, "doc": d} for n, v, d in kernel_constants(spec)],
+        "kernel_constants": [{"name": n, "value": v, "doc": d} for n, v, d in kernel_constants(spec, precision)],
+        "flash": flash,
+        "flash_head_sizes": f"{FLASH_HEAD_SIZES.start}, {FLASH_HEAD_SIZES.start + FLASH_HEAD_SIZES.step}, ..., "
+                            f"{FLASH_HEAD_SIZES[-1]}",
+        "cublaslt_workspace": CUBLASLT_WORKSPACE,
+        "matmul_plans": MATMUL_PLANS,
         # cuBLASLt's GELU epilogues need the leading dimension of the pre-GELU matrix (4C)
         # to be a multiple of 8
-        "gelu_fusion": int(matmul is Matmul.CUBLASLT and (4 * C) % 8 == 0),
+        "gelu_fusion": int(cublaslt and (4 * C) % 8 == 0),
         "layers": CUDA_LAYERS,
         "host": True,
         "default_T": spec.max_seq_len,
     })
+    ctx["device_buffers"] = device_buffers(spec, bf16, cublaslt, act_list)
     return ctx
+
+
+CUBLASLT_WORKSPACE = 32 << 20  # bytes: cuBLASLt's scratch space for its algorithms (llm.c uses 32 MiB)
+MATMUL_PLANS = 64  # cuBLASLt plans kept: the training step has about 15 matmul shapes, sampling one per length
+
+# Bytes of the C types of the device buffers.
+C_TYPE_BYTES = {"float": 4, "double": 8, "int": 4}
+
+
+def device_buffers(spec: Spec, bf16: bool, cublaslt: bool, acts: tuple[Act, ...]) -> list[dict]:
+    """Every device allocation of the CUDA trainer, in the order gpt2_alloc makes them (its
+    table device_buffers): the pointer it sets, a C expression for its bytes at a batch of
+    B x T, what it holds (for an out-of-memory message), a comment, its group (for `llmgen
+    info`), and `bytes`, a function of (B, T) for the same number. The trainer prints their
+    sum as it starts; `llmgen info --target cuda` prints it too."""
+    type_bytes = {**C_TYPE_BYTES, "floatX": 2 if bf16 else 4}
+    k = kernel_values(spec)
+    out = []
+
+    def add(pointer, shape, ctype, what, group, doc=""):
+        """A buffer of a tensor shape (symbolic dimensions, see C_DIMS and Spec.dims)."""
+        def nbytes(B, T, shape=shape, ctype=ctype):
+            dims = {**spec.dims, "B": B, "T": T}
+            return numel(shape, dims) * type_bytes[ctype]
+        out.append({"pointer": pointer, "size": f"{c_size(shape)} * sizeof({ctype})", "what": what, "group": group,
+                    "doc": doc or shape_comment(shape), "bytes": nbytes})
+
+    def add_fixed(pointer, size, nbytes, what, group, doc):
+        """A buffer whose size does not depend on the batch: its C expression and its bytes."""
+        out.append({"pointer": pointer, "size": size, "what": what, "group": group, "doc": doc,
+                    "bytes": lambda B, T: nbytes})
+
+    n = num_params(spec)
+    add_fixed("model->params_memory", "NUM_PARAMETERS * sizeof(floatX)", n * type_bytes["floatX"], "the parameters",
+              "parameters", "(NUM_PARAMETERS)")
+    add_fixed("model->grads_memory", "NUM_PARAMETERS * sizeof(float)", n * 4, "the gradients", "gradients",
+              "(NUM_PARAMETERS)")
+    if bf16:
+        add_fixed("model->master_memory", "NUM_PARAMETERS * sizeof(float)", n * 4, "the master weights",
+                  "master weights", "(NUM_PARAMETERS)")
+    add_fixed("model->m_memory", "NUM_PARAMETERS * sizeof(float)", n * 4, "AdamW's m", "AdamW m and v",
+              "(NUM_PARAMETERS)")
+    add_fixed("model->v_memory", "NUM_PARAMETERS * sizeof(float)", n * 4, "AdamW's v", "AdamW m and v",
+              "(NUM_PARAMETERS)")
+    for a in acts:
+        add(f"model->acts.{a.name}", a.shape, "float" if a.fp32 else "floatX", f"the activation {a.name}",
+            "activations")
+    add("model->dresidual", ("B", "T", "C"), "floatX", "the backward pass", "backward buffers")
+    add("model->dscratch", ("B", "T", "C"), "floatX", "the backward pass", "backward buffers")
+    add("model->dscratch4", ("B", "T", "4C"), "floatX", "the backward pass", "backward buffers")
+    add("model->att_delta", ("B", "NH", "T"), "float", "the backward pass", "backward buffers")
+    rows = k["REDUCE_ROWS"]
+    out.append({"pointer": "model->reduce_scratch", "size": "(size_t)reduce_chunks(B * T) * 4 * CHANNELS * sizeof(float)",
+                "what": "the backward pass", "group": "backward buffers", "doc": "(chunks,4C)",
+                "bytes": lambda B, T: -(-(B * T) // rows) * 4 * spec.n_embd * 4})
+    add_fixed("model->norm_partial", "NORM_BLOCKS * sizeof(double)", k["NORM_BLOCKS"] * 8, "the gradient norm",
+              "backward buffers", "(NORM_BLOCKS)")
+    add("model->inputs_gpu", ("B", "T"), "int", "the inputs", "token ids")
+    add("model->targets_gpu", ("B", "T"), "int", "the targets", "token ids")
+    add("model->buckets.tokens_gpu", ("Vp",), "int", "token buckets", "token ids")
+    add_fixed("model->buckets.starts_gpu", "(PADDED_VOCAB_SIZE + 1) * sizeof(int)", (spec.padded_vocab_size + 1) * 4,
+              "token buckets", "token ids", "(Vp+1)")
+    add("model->buckets.positions_gpu", ("B", "T"), "int", "token buckets", "token ids")
+    if cublaslt:
+        add_fixed("cublaslt_workspace", "CUBLASLT_WORKSPACE_SIZE", CUBLASLT_WORKSPACE, "cuBLASLt's workspace",
+                  "cuBLASLt workspace", f"({CUBLASLT_WORKSPACE >> 20} MiB)")
+    return out
+
+
+def device_memory(spec: Spec, B: int, T: int, precision: Precision | str = Precision.FP32,
+                  matmul: Matmul | str = Matmul.CUBLASLT, build: CudaBuild | None = None) -> list[tuple[str, int]]:
+    """Bytes the CUDA trainer allocates on the device for batches of B x T, by group, in
+    gpt2_alloc's order (the sum is what it prints as it starts)."""
+    groups: dict[str, int] = {}
+    for buf in cuda_context(spec, precision, matmul, build)["device_buffers"]:
+        groups[buf["group"]] = groups.get(buf["group"], 0) + buf["bytes"](B, T)
+    return list(groups.items())
 
 
 def _render(env: jinja2.Environment, name: str, ctx: dict) -> str:

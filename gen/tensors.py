@@ -192,23 +192,19 @@ _C_ACTS = (
 )
 
 
-def _cuda_acts() -> tuple[Act, ...]:
-    """The CUDA trainer keeps the C trainer's activations with two changes: it stores the
-    output projections of the attention and the MLP (attproj, fcproj) before adding them to
-    the residual stream, and it keeps the logits of every position, which its fused classifier
-    turns into their gradient in place."""
+def _cuda_acts(recompute_gelu: bool = False) -> tuple[Act, ...]:
+    """The CUDA trainer keeps the C trainer's activations but for the logits: it keeps those of
+    every position, which its fused classifier turns into their gradient in place. With
+    recompute_gelu, fch_gelu holds one layer (the one in use) instead of every layer: the
+    backward recomputes it."""
     out = []
     for a in _C_ACTS:
         if a.name == "logits":
             a = Act("logits", ("B", "T", "Vp"), "classifier logits; after the classifier's backward, their gradient",
                     grad=False)
-        if a.name == "att_lse":
-            a = Act("att_lse", a.shape, a.doc, fp32=True)
-        if a.name in ("residual2", "residual3"):
-            out.append(Act("attproj" if a.name == "residual2" else "fcproj", ("L", "B", "T", "C"),
-                           "attention output projection" if a.name == "residual2" else "MLP output projection"))
-            a = Act(a.name, a.shape, "residual stream after attention" if a.name == "residual2"
-                    else "residual stream after the MLP")
+        if a.name == "fch_gelu" and recompute_gelu:
+            a = Act("fch_gelu", ("B", "T", "4C"), "MLP hidden after GELU, of the layer in use (the backward "
+                    "recomputes it)")
         out.append(a)
     return tuple(out)
 

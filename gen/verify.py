@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import reference as ref
-from .emit import emit, make
+from .emit import cuda_build, emit, make
 from .errors import LlmgenError
 from .fileio import from_bf16, to_bf16, write_model, write_shard
 from .spec import Spec
@@ -102,7 +102,10 @@ def build(spec: Spec, out_dir: Path, cc: str = "gcc") -> Path:
 
 
 def build_cuda(spec: Spec, out_dir: Path, precision: str, matmul: str) -> Path:
-    emit(spec, out_dir, "cuda", precision, matmul)
+    """The CUDA harness, its fp32 matmuls exact (no TF32): verify compares with float64 at
+    fp32's tolerances."""
+    with cuda_build(tf32=False):
+        emit(spec, out_dir, "cuda", precision, matmul)
     return make(out_dir, "test_gpt2cu")
 
 

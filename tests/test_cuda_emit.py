@@ -20,12 +20,24 @@ NVCC = shutil.which("nvcc") or (os.environ.get("CUDA_HOME", "/usr/local/cuda") +
 needs_nvcc = pytest.mark.skipif(not os.access(NVCC, os.X_OK), reason="nvcc not found (no CUDA toolkit)")
 # warnings are errors: the host compiler's and nvcc's own (cudafe, ptxas)
 WERROR = "-O3 --use_fast_math -Xcompiler -Werror --Werror all-warnings"
-KERNELS = ["encoder_forward_kernel", "encoder_backward_wpe_kernel", "encoder_backward_wte_kernel",
-           "layernorm_forward_kernel", "layernorm_backward_kernel", "layernorm_param_grads_partial_kernel",
-           "bias_backward_partial_kernel", "column_sum_finish_kernel", "matmul_tiled_kernel",
-           "attention_forward_kernel", "attention_backward_delta_kernel", "attention_backward_dq_kernel",
-           "attention_backward_dkdv_kernel", "gelu_forward_kernel", "gelu_backward_kernel",
-           "residual_forward_kernel", "classifier_kernel", "adamw_kernel", "grad_norm_partial_kernel"]
+COMMON_KERNELS = ["encoder_forward_kernel", "encoder_backward_wpe_kernel", "encoder_backward_wte_kernel",
+                  "layernorm_forward_kernel", "layernorm_backward_kernel", "layernorm_param_grads_partial_kernel",
+                  "bias_backward_partial_kernel", "column_sum_finish_kernel", "matmul_tiled_kernel",
+                  "attention_backward_delta_kernel", "gelu_forward_kernel", "gelu_backward_kernel",
+                  "residual_forward_kernel", "classifier_kernel", "adamw_kernel", "grad_norm_partial_kernel"]
+SIMPLE_ATTENTION = ["attention_forward_kernel", "attention_backward_dq_kernel", "attention_backward_dkdv_kernel"]
+FLASH_ATTENTION = ["flash_forward_kernel", "flash_backward_dq_kernel", "flash_backward_dkdv_kernel"]
+
+# a kernel's definition; the tensor-core ones are __launch_bounds__(...) too
+DEFINITION = r'extern "C" __global__ void (__launch_bounds__\([^)]*\)\s+)?{}\('
+
+
+def kernels(spec, precision):
+    """The kernels a variant has: the tensor-core attention in bf16 for head sizes 16, 32, ..., 128,
+    the simple one otherwise."""
+    flash = precision == "bf16" and spec.head_size % 16 == 0 and spec.head_size <= 128
+    return COMMON_KERNELS + (FLASH_ATTENTION if flash else SIMPLE_ATTENTION) + (["float_to_floatX_kernel"] if
+                                                                                precision == "bf16" else [])
 
 
 def usage_lines(src: str) -> list[str]:
@@ -50,8 +62,11 @@ def test_every_preset_emits_cuda(name):
             assert f"#define HEAD_SIZE {spec.head_size} " in src and f"#define CHANNELS {spec.n_embd} " in src
             link = " -lcublasLt" if matmul == "cublaslt" else ""
             assert f"nvcc -O3 --use_fast_math -arch=native train_gpt2.cu{link} -o train_gpt2cu" in src
-            for kernel in KERNELS:
-                assert f'extern "C" __global__ void {kernel}(' in src, kernel
+            mine = kernels(spec, precision)
+            for kernel in mine:
+                assert re.search(DEFINITION.format(kernel), src), kernel
+            for kernel in SIMPLE_ATTENTION + FLASH_ATTENTION:  # only the attention kernels it uses
+                assert (kernel + "(" in src) == (kernel in mine), kernel
             assert ("typedef __nv_bfloat16 floatX;" in src) == (precision == "bf16")
             assert ("cublasLtMatmul(" in src) == (matmul == "cublaslt")
             assert "preatt" not in src and "acts.probs" not in src  # no T x T matrix, no probabilities
@@ -60,11 +75,12 @@ def test_every_preset_emits_cuda(name):
 
 
 def test_kernels_render_alone():
-    src = render_kernels(specs.load("test-odd"), "bf16")
+    spec = specs.load("test-odd")
+    src = render_kernels(spec, "bf16")
     assert "typedef __nv_bfloat16 floatX;" in src and "#define HEAD_SIZE 16 " in src
     assert "cudaCheck" not in src and "static void" not in src and "int main" not in src
-    for kernel in KERNELS:
-        assert f'extern "C" __global__ void {kernel}(' in src
+    for kernel in kernels(spec, "bf16"):
+        assert re.search(DEFINITION.format(kernel), src), kernel
 
 
 def test_c_output_does_not_depend_on_cuda_options():
@@ -121,7 +137,21 @@ def test_compiles_without_warnings_for_sm80_and_sm90(tmp_path, precision, matmul
 @needs_nvcc
 @pytest.mark.slow
 def test_gpt2_124m_bf16_and_its_harness_compile(tmp_path):
-    out = build_cuda(tmp_path, "gpt2-124m", "bf16", "cublaslt", arch="90")
+    """The production build (gpt2-124m, bf16, cuBLASLt) for sm_90, warning-free, with ptxas's
+    report: no kernel of the whole trainer spills (tests/test_cuda_registers.py checks the
+    kernels alone for both architectures and head sizes); the harness for sm_80."""
+    from test_cuda_registers import kernel_names, ptxas_report
+    out = tmp_path / "gpt2-124m"
+    emit(specs.load("gpt2-124m"), out, "cuda", "bf16")
+    result = make(out, "train_gpt2cu", "GPU_ARCH=90", f"NVCCFLAGS={WERROR} -Xptxas -v")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not [line for line in result.stderr.splitlines() if not line.startswith(("ptxas info", "    "))], result.stderr
+    report = ptxas_report(result.stderr)
+    assert {k for k, _ in report} == kernel_names((out / "train_gpt2.cu").read_text())
+    spilled = {k: e for k, e in report.items() if e["spill_stores"] or e["spill_loads"] or e["stack"]}
+    assert not spilled, spilled
+    print("\nthe trainer's kernels, sm_90 registers per thread: " +
+          ", ".join(f"{k} {e['registers']}" for (k, _), e in sorted(report.items())))
     result = make(out, "test_gpt2cu", "GPU_ARCH=80", f"NVCCFLAGS={WERROR}")
     assert result.returncode == 0 and result.stderr == "", result.stdout + result.stderr
 
@@ -135,7 +165,7 @@ def test_kernels_alone_compile_as_pycuda_does(tmp_path, precision):
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     symbols = (tmp_path / "kernels.cubin").read_bytes().decode("latin-1")
-    for kernel in KERNELS:  # extern "C": unmangled, so that PyCUDA's get_function finds them by name
+    for kernel in kernels(specs.load("test-odd"), precision):  # extern "C": unmangled, so that PyCUDA's get_function finds them by name
         assert kernel + "\0" in symbols and not re.search(rf"_Z\d+{kernel}", symbols), kernel
 
 
@@ -143,9 +173,14 @@ def test_kernels_alone_compile_as_pycuda_does(tmp_path, precision):
 @pytest.mark.slow
 def test_the_one_command_build(tmp_path):
     emit(specs.load("test-tiny"), tmp_path, "cuda", "bf16")
-    # without a GPU, -arch=native falls back to nvcc's default architecture (with a warning)
     result = subprocess.run([NVCC, "-O3", "--use_fast_math", "-arch=native", "train_gpt2.cu", "-lcublas", "-lcublasLt",
                              "-o", "train_gpt2cu"], cwd=tmp_path, capture_output=True, text=True)
+    if "Cannot find valid GPU for '-arch=native'" in result.stderr:
+        # no GPU here: nvcc falls back to its default architecture, older than sm_80, which
+        # the program refuses in one line
+        assert result.returncode != 0 and "this program needs a GPU of compute capability 8.0 or newer" in result.stderr
+        result = subprocess.run([NVCC, "-O3", "--use_fast_math", "-arch=sm_80", "train_gpt2.cu", "-lcublasLt",
+                                 "-o", "train_gpt2cu"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     run = subprocess.run(["./train_gpt2cu", "-x", "1"], cwd=tmp_path, capture_output=True, text=True)
     if run.returncode != 0:  # no GPU here: the first thing the program says is that
@@ -206,3 +241,38 @@ def test_makefile_finds_pip_wheels_and_links_their_versioned_library(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     dynamic = subprocess.run(["readelf", "-d", str(out / "train_gpt2cu")], capture_output=True, text=True).stdout
     assert f"[{real_lib.name}]" in dynamic and f"{wheels}/lib" in dynamic
+
+
+def test_tf32_is_an_emit_choice_for_fp32_cublaslt_and_verify_builds_without(tmp_path, monkeypatch):
+    from llmgen import verify as v
+    from llmgen.emit import cuda_build
+    spec = specs.load("test-odd")
+    default = render(spec, "cuda", "fp32")["train_gpt2.cu"]
+    assert "#define CUBLAS_COMPUTE CUBLAS_COMPUTE_32F_FAST_TF32" in default
+    assert "this file was generated with --tf32, the default" in default and "cuBLASLt TF32 matmuls" in default
+    with cuda_build(tf32=False):
+        exact = render(spec, "cuda", "fp32")["train_gpt2.cu"]
+    assert "#define CUBLAS_COMPUTE CUBLAS_COMPUTE_32F\n" in exact and "FAST_TF32" not in exact
+    assert "this file was generated with --no-tf32" in exact and "cuBLASLt fp32 matmuls" in exact
+    for other in (render(spec, "cuda", "bf16")["train_gpt2.cu"], render(spec, "cuda", "fp32", "tiled")["train_gpt2.cu"]):
+        assert not re.search("tf32", other, re.I)  # no fp32 cuBLASLt matmuls: nothing to choose
+    # the command line, and verify's build (make is not run here)
+    out = tmp_path / "cli"
+    assert llmgen("emit", "--spec", "test-odd", "--target", "cuda", "--no-tf32", "-o", out).returncode == 0
+    assert (out / "train_gpt2.cu").read_text() == exact
+    monkeypatch.setattr(v, "make", lambda out_dir, target: out_dir / target)
+    v.build_cuda(spec, tmp_path / "verify", "fp32", "cublaslt")
+    assert (tmp_path / "verify" / "train_gpt2.cu").read_text() == exact
+    assert render(spec, "cuda", "fp32")["train_gpt2.cu"] == default  # the choice lasted only as long as the build
+
+
+def test_recompute_gelu_keeps_one_layer_of_gelu_output():
+    from llmgen.emit import cuda_build
+    spec = specs.load("gpt2-124m")
+    with cuda_build(recompute_gelu=True):
+        src = render(spec, "cuda", "bf16")["train_gpt2.cu"]
+    plain = render(spec, "cuda", "bf16")["train_gpt2.cu"]
+    assert "(size_t)B * T * 4 * CHANNELS * sizeof(floatX), \"the activation fch_gelu\"" in src
+    assert "(size_t)NUM_LAYERS * B * T * 4 * CHANNELS * sizeof(floatX), \"the activation fch_gelu\"" in plain
+    assert src.count("gelu_forward(a.fch_gelu, la.fch, BT * 4 * C);") == 1 and "gelu_forward(a.fch_gelu" not in plain
+    assert "--recompute-gelu" in src and "--recompute-gelu" not in plain

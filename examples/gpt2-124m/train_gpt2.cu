@@ -126,9 +126,12 @@ static void cublas_check(cublasStatus_t status, const char* call, int line) {
     if (status != CUBLAS_STATUS_SUCCESS) { die("cuBLAS error %d at line %d of %s: %s", (int)status, line, __FILE__, call); }
 }
 
+static size_t gpu_bytes_allocated;  // what gpu_malloc has allocated, in bytes
+
 // cudaMalloc, or a message naming what did not fit.
 static void* gpu_malloc(size_t bytes, const char* what) {
     void* p = NULL;
+    gpu_bytes_allocated += bytes;
     if (cudaMalloc(&p, bytes) != cudaSuccess) {
         size_t free_bytes = 0, total_bytes = 0;
         cudaMemGetInfo(&free_bytes, &total_bytes);
@@ -154,11 +157,13 @@ static void gpu_init(void) {
     }
 }
 
-// "NVIDIA H100 80GB HBM3 (sm_90), bf16, cuBLASLt matmuls", for the run summary.
+// "NVIDIA H100 80GB HBM3 (sm_90), bf16, cuBLASLt bf16 matmuls, M MiB (N bytes) on the GPU",
+// for the run summary: the device memory is what gpt2_alloc allocated.
 static const char* hardware_description(void) {
     static char text[512];
-    snprintf(text, sizeof(text), "%s (sm_%d%d), bf16, cuBLASLt matmuls", gpu_properties.name,
-             gpu_properties.major, gpu_properties.minor);
+    snprintf(text, sizeof(text), "%s (sm_%d%d), bf16, cuBLASLt bf16 matmuls, %.1f MiB (%zu bytes) on the GPU",
+             gpu_properties.name, gpu_properties.major, gpu_properties.minor, gpu_bytes_allocated / 1048576.0,
+             gpu_bytes_allocated);
     return text;
 }
 
@@ -170,9 +175,15 @@ static const char* hardware_description(void) {
 // PyCUDA). Backward kernels overwrite activation gradients unless they say "+=";
 // parameter gradients (fp32) are always accumulated.
 
+// The GPU must be sm_80 or newer (A100, H100, ...): bf16, and the tensor cores' mma.m16n8k16.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "this program needs a GPU of compute capability 8.0 or newer: build with -arch=sm_80 or newer (or -arch=native where such a GPU is)"
+#endif
+
 // Precision: parameters and activations are bf16; the fp32 master weights, the AdamW moments,
 // the parameter gradients, the layernorm and softmax statistics and the losses are fp32.
-// All arithmetic is fp32: loads widen with to_float, stores round with to_floatX (to nearest even).
+// Arithmetic is fp32 (loads widen with to_float, stores round with to_floatX, to nearest even),
+// but for the attention's products on the tensor cores: bf16 inputs, fp32 sums.
 typedef __nv_bfloat16 floatX;
 __device__ inline float to_float(floatX x) { return __bfloat162float(x); }
 __device__ inline floatX to_floatX(float x) { return __float2bfloat16(x); }
@@ -184,8 +195,12 @@ __device__ inline floatX to_floatX(float x) { return __float2bfloat16(x); }
 #define CLASSIFIER_BLOCK 512 // fused classifier: threads per row, each handling Vp / 512 logits
 #define NORM_BLOCKS 512      // gradient norm: blocks in the first stage, a fixed number so the sum is deterministic
 #define TILE 16              // tiled matmul: TILE x TILE outputs per block, one per thread
-#define ATT_BQ 64            // attention: queries (or keys) per block, one per thread
-#define ATT_BK 32            // attention: key (or query) rows per shared-memory tile (two tiles of ATT_BK x HS floats: <= 32 KiB)
+#define FLASH_WARPS 4        // tensor-core attention: warps per block, 16 query (or key) rows each
+#define FLASH_ROWS 64        // tensor-core attention: query (or key) rows per block, 16 * FLASH_WARPS
+#define FLASH_BK 64          // forward: keys per shared-memory tile (32 fp32 scores per thread, with Q and O of HS 64, in registers)
+#define FLASH_BK_DQ 64       // dq: keys per shared-memory tile (64 fp32 S and dP values per thread, with Q, dO and dQ, in registers)
+#define FLASH_BQ_DKDV 64     // dk, dv: queries per shared-memory tile (64 fp32 S^T and dP^T values per thread, with dK and dV, in registers)
+#define FLASH_STRIDE 72      // shared-memory row: HEAD_SIZE + 8 bf16, so that the 8 rows of a fragment load fall in different banks
 
 // Sums (maxima) over the 32 threads of a warp; every thread gets the result.
 __device__ inline float warp_sum(float x) {
@@ -536,9 +551,28 @@ static void gelu_backward(floatX* dinp, const floatX* inp, const floatX* dout, s
     cudaCheck(cudaGetLastError());
 }
 
+// Residual connection: out = inp1 + inp2, one thread per element.
+// cuBLASLt adds the residual stream to the projection before it as it computes it (see
+// matmul_forward); this kernel does it after a tiled matmul.
+// Its backward is the identity for both inputs, so the backward pass has no kernel for it:
+// one buffer carries the gradient of the residual stream through every block, and the
+// layernorms add theirs.
+extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* inp1, const floatX* inp2, // (N), (N), (N)
+                                                   size_t N) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < N) { out[i] = to_floatX(to_float(inp1[i]) + to_float(inp2[i])); }
+}
+
+// out may be one of the inputs: each thread reads its elements before writing.
+static void residual_forward(floatX* out, const floatX* inp1, const floatX* inp2, size_t N) {
+    residual_forward_kernel<<<ceil_div(N, BLOCK_SIZE), BLOCK_SIZE>>>(out, inp1, inp2, N);
+    cudaCheck(cudaGetLastError());
+}
+
 // Matmul (a linear layer): out = inp @ weight^T + bias, weight stored (OC,IC) row-major.
-// cuBLASLt does the work, with the bias, and the GELU of the MLP, fused into its epilogue.
-// The tiled kernel below is the fallback for shapes cuBLASLt has no algorithm for.
+// cuBLASLt does the work, with the bias, the MLP's GELU and the residual connections fused
+// into it. The tiled kernel below serves only shapes for which cuBLASLt has no algorithm
+// (it says so on stderr, once per shape); any other cuBLASLt error stops the program.
 //
 // The tiled kernel computes a row-major (M,N) result from two operands read through strides,
 // so that one kernel serves the forward pass and both backward products:
@@ -588,29 +622,21 @@ static void matmul_tiled(floatX* out_x, float* out_f, const floatX* a, size_t a_
 
 // cuBLASLt works on column-major matrices. A row-major (R,C) matrix is a column-major (C,R)
 // one, its transpose, so each product below is written for the transposes:
-//   forward   out^T (OC,N)   = weight^T @ inp^T     (weight is stored as a column-major (IC,OC))
+//   forward   out^T (OC,N)   = weight^T @ inp^T  (+ residual^T)  (weight is stored as a column-major (IC,OC))
 //   dinp^T    (IC,N)         = weight @ dout^T
 //   dweight^T (IC,OC)       += inp^T @ dout
-#define CUBLASLT_WORKSPACE_SIZE (32 * 1024 * 1024)
+#define CUBLASLT_WORKSPACE_SIZE 33554432 // bytes of scratch space for cuBLASLt's algorithms (32 MiB)
+#define MATMUL_PLANS 64                  // plans kept (see MatmulPlan): a step has about 15 shapes, sampling one per length
 #define CUDA_FLOATX CUDA_R_16BF
+// bf16 inputs, fp32 accumulation, on the tensor cores.
+#define CUBLAS_COMPUTE CUBLAS_COMPUTE_32F
 // 1: fuse the MLP's GELU (forward) and its derivative (backward) into cuBLASLt's epilogue.
 // Build with -DGELU_FUSION=0 to use the GELU kernels instead.
 #ifndef GELU_FUSION
 #define GELU_FUSION 1
 #endif
 static cublasLtHandle_t cublaslt_handle;
-static void* cublaslt_workspace;
-static int cublaslt_fallback_noted;  // the first fallback to the tiled kernel is reported
-
-static void cublaslt_init(void) {
-    cublasCheck(cublasLtCreate(&cublaslt_handle));
-    cudaCheck(cudaMalloc(&cublaslt_workspace, CUBLASLT_WORKSPACE_SIZE));
-}
-
-static void cublaslt_free(void) {
-    cudaCheck(cudaFree(cublaslt_workspace));
-    cublasCheck(cublasLtDestroy(cublaslt_handle));
-}
+static void* cublaslt_workspace;  // CUBLASLT_WORKSPACE_SIZE bytes, allocated by gpt2_alloc
 
 // The largest power of two, up to 256, that divides the address.
 static uint32_t pointer_alignment(const void* p) {
@@ -619,90 +645,225 @@ static uint32_t pointer_alignment(const void* p) {
     return align;
 }
 
-// D (m,n) = alpha * op(A) @ op(B) + beta * D, then the epilogue (bias, GELU, or GELU's
-// derivative, which reads aux), fp32 compute. A and B are floatX, stored column-major with
-// leading dimensions lda and ldb; op(X) = X^T where trans_x is set. D (leading dimension m)
-// is d_type: floatX, or fp32 for the weight gradients. Returns 0 without doing anything if
-// cuBLASLt has no algorithm for this case.
-static int cublaslt_matmul(void* d, cudaDataType_t d_type, const floatX* a, int trans_a, int lda,
-                           const floatX* b, int trans_b, int ldb, int m, int n, int k, float alpha, float beta,
-                           cublasLtEpilogue_t epilogue, const floatX* bias, const floatX* aux) {
+// What a cuBLASLt matmul depends on, besides its pointers: its shape, the transposes, the
+// epilogue, the output type, and the alignment of each matrix and of the bias and GELU
+// vectors (the heuristic assumes 256-byte aligned matrices unless told otherwise, and reads
+// the alignment of the bias and aux pointers; a layer's slice of a packed tensor may be less
+// aligned).
+typedef struct {
+    int m, n, k, lda, ldb, trans_a, trans_b;
+    cublasLtEpilogue_t epilogue;
+    cudaDataType_t d_type;
+    uint32_t align_a, align_b, align_c, align_d, align_bias, align_aux;
+} MatmulKey;
+
+// A matmul as cuBLASLt runs it, made once per key and kept: the operation descriptor, the
+// matrix layouts (C has D's) and the algorithm the heuristic chose. Making them and asking the
+// heuristic costs about as much as a small matmul, so doing it at every call would show in a
+// step. The bias and GELU pointers change from call to call: they are set at each call.
+typedef struct {
+    MatmulKey key;
+    int supported;  // 0: cuBLASLt has no algorithm for it; the caller falls back
     cublasLtMatmulDesc_t desc;
-    cublasCheck(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
-    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
-    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
-    if (bias != NULL) {
-        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-    }
-    if (aux != NULL) {
-        int64_t aux_ld = m;
-        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
-        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
-    }
     cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
-    cublasCheck(cublasLtMatrixLayoutCreate(&layout_a, CUDA_FLOATX, trans_a ? k : m, trans_a ? m : k, lda));
-    cublasCheck(cublasLtMatrixLayoutCreate(&layout_b, CUDA_FLOATX, trans_b ? n : k, trans_b ? k : n, ldb));
-    cublasCheck(cublasLtMatrixLayoutCreate(&layout_d, d_type, m, n, m));
-    cublasLtMatmulPreference_t preference;
-    cublasCheck(cublasLtMatmulPreferenceCreate(&preference));
-    size_t workspace_size = CUBLASLT_WORKSPACE_SIZE;
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                     &workspace_size, sizeof(workspace_size)));
-    // Without these the heuristic assumes 256-byte aligned matrices; a layer's slice of a
-    // packed weight may be less aligned, so tell it the real alignment of each pointer.
-    uint32_t align_a = pointer_alignment(a), align_b = pointer_alignment(b), align_d = pointer_alignment(d);
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                                     &align_a, sizeof(align_a)));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                     &align_b, sizeof(align_b)));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                     &align_d, sizeof(align_d)));
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                     &align_d, sizeof(align_d)));
-    cublasLtMatmulHeuristicResult_t heuristic;
-    int found = 0;
-    cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, desc, layout_a, layout_b, layout_d,
-                                                           layout_d, preference, 1, &heuristic, &found);
-    int ok = status == CUBLAS_STATUS_SUCCESS && found > 0;
-    if (ok) {
-        cublasCheck(cublasLtMatmul(cublaslt_handle, desc, &alpha, a, layout_a, b, layout_b, &beta, d, layout_d,
-                                   d, layout_d, &heuristic.algo, cublaslt_workspace, CUBLASLT_WORKSPACE_SIZE, 0));
-    } else if (!cublaslt_fallback_noted) {
-        fprintf(stderr, "note: cuBLASLt has no algorithm for a %dx%dx%d matmul with epilogue %d: using the "
-                "fallback (the GELU kernels, or the tiled kernel) for it and any other such case\n", m, n, k, (int)epilogue);
-        cublaslt_fallback_noted = 1;
+    cublasLtMatmulAlgo_t algo;
+} MatmulPlan;
+
+static MatmulPlan matmul_plans[MATMUL_PLANS];
+static int matmul_plans_made;  // plans made so far; the i-th is in slot i % MATMUL_PLANS
+
+static const char* epilogue_name(cublasLtEpilogue_t epilogue) {
+    switch (epilogue) {
+        case CUBLASLT_EPILOGUE_DEFAULT: return "none";
+        case CUBLASLT_EPILOGUE_BIAS: return "bias";
+        case CUBLASLT_EPILOGUE_GELU_AUX: return "GELU";
+        case CUBLASLT_EPILOGUE_GELU_AUX_BIAS: return "bias and GELU";
+        case CUBLASLT_EPILOGUE_DGELU: return "GELU's derivative";
+        default: return "other";
     }
-    cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
-    cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
-    cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
-    cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
-    cublasCheck(cublasLtMatmulDescDestroy(desc));
-    return ok;
 }
 
-// out (N,OC) = inp (N,IC) @ weight^T + bias (OC, or NULL). With pre_gelu (the MLP's first
-// layer): pre_gelu (N,OC) gets that, and out = gelu(pre_gelu).
-static void matmul_forward(floatX* out, floatX* pre_gelu, const floatX* inp, const floatX* weight,
-                           const floatX* bias, int N, int IC, int OC) {
+// The key as words, for messages: "m=768 n=16384 k=3072 (A^T lda 3072, B ldb 3072), epilogue bias, ...".
+static const char* matmul_shape(const MatmulKey* key) {
+    static char text[320];
+    snprintf(text, sizeof(text), "m=%d n=%d k=%d (A%s lda %d, B%s ldb %d), epilogue %s, %s output, alignments "
+             "A %u B %u C %u D %u bias %u aux %u bytes", key->m, key->n, key->k, key->trans_a ? "^T" : "", key->lda,
+             key->trans_b ? "^T" : "", key->ldb, epilogue_name(key->epilogue),
+             key->d_type == CUDA_R_32F ? "fp32" : "bf16", key->align_a, key->align_b, key->align_c, key->align_d,
+             key->align_bias, key->align_aux);
+    return text;
+}
+
+#define cublasPlanCheck(call, key) cublas_plan_check((call), #call, key)
+static void cublas_plan_check(cublasStatus_t status, const char* call, const MatmulKey* key) {
+    if (status != CUBLAS_STATUS_SUCCESS) {
+        die("cuBLASLt error %s for the matmul %s: %s", cublasLtGetStatusName(status), matmul_shape(key), call);
+    }
+}
+
+static void matmul_plan_destroy(MatmulPlan* p) {
+    cublasCheck(cublasLtMatmulDescDestroy(p->desc));
+    cublasCheck(cublasLtMatrixLayoutDestroy(p->layout_a));
+    cublasCheck(cublasLtMatrixLayoutDestroy(p->layout_b));
+    cublasCheck(cublasLtMatrixLayoutDestroy(p->layout_d));
+}
+
+// Point the descriptor's bias and GELU pre-activations (aux) at this call's (each NULL when
+// the epilogue has none).
+static void matmul_plan_point(MatmulPlan* p, const floatX* bias, const floatX* aux) {
+    if (bias != NULL) {
+        cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                       sizeof(bias)), &p->key);
+    }
+    if (aux != NULL) {
+        cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux,
+                                                       sizeof(aux)), &p->key);
+    }
+}
+
+// The plan for a key: the kept one, or a new one (in place of the oldest when the table is
+// full), made with this call's bias and aux pointers. cuBLASLt's heuristic answers
+// CUBLAS_STATUS_NOT_SUPPORTED, or no algorithm, where it has none for the case: then the plan
+// is unsupported and `fallback` (what the caller does instead) is noted on stderr, once for
+// the shape. Any other error is fatal, naming the shape.
+static MatmulPlan* matmul_plan(const MatmulKey* key, const floatX* bias, const floatX* aux, const char* fallback) {
+    int kept = matmul_plans_made < MATMUL_PLANS ? matmul_plans_made : MATMUL_PLANS;
+    for (int i = 0; i < kept; i++) {
+        if (memcmp(&matmul_plans[i].key, key, sizeof(*key)) == 0) { return &matmul_plans[i]; }
+    }
+    MatmulPlan* p = &matmul_plans[matmul_plans_made % MATMUL_PLANS];
+    if (matmul_plans_made >= MATMUL_PLANS) { matmul_plan_destroy(p); }
+    matmul_plans_made++;
+    memset(p, 0, sizeof(*p));
+    p->key = *key;
+    cublasPlanCheck(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE, CUDA_R_32F), key);
+    cublasOperation_t op_a = key->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = key->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)), key);
+    cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)), key);
+    cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &key->epilogue,
+                                                   sizeof(key->epilogue)), key);
+    if (key->epilogue != CUBLASLT_EPILOGUE_DEFAULT && key->epilogue != CUBLASLT_EPILOGUE_BIAS) {
+        int64_t aux_ld = key->m;  // the GELU epilogues' (m,n) matrix of pre-activations
+        cublasPlanCheck(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld,
+                                                       sizeof(aux_ld)), key);
+    }
+    matmul_plan_point(p, bias, aux);
+    int m = key->m, n = key->n, k = key->k;
+    cublasPlanCheck(cublasLtMatrixLayoutCreate(&p->layout_a, CUDA_FLOATX, key->trans_a ? k : m, key->trans_a ? m : k,
+                                               key->lda), key);
+    cublasPlanCheck(cublasLtMatrixLayoutCreate(&p->layout_b, CUDA_FLOATX, key->trans_b ? n : k, key->trans_b ? k : n,
+                                               key->ldb), key);
+    cublasPlanCheck(cublasLtMatrixLayoutCreate(&p->layout_d, key->d_type, m, n, m), key);
+    cublasLtMatmulPreference_t preference;
+    cublasPlanCheck(cublasLtMatmulPreferenceCreate(&preference), key);
+    size_t workspace_size = CUBLASLT_WORKSPACE_SIZE;
+    cublasPlanCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                         &workspace_size, sizeof(workspace_size)), key);
+    const cublasLtMatmulPreferenceAttributes_t align_attributes[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    const uint32_t aligns[4] = {key->align_a, key->align_b, key->align_c, key->align_d};
+    for (int i = 0; i < 4; i++) {
+        cublasPlanCheck(cublasLtMatmulPreferenceSetAttribute(preference, align_attributes[i], &aligns[i],
+                                                             sizeof(aligns[i])), key);
+    }
+    cublasLtMatmulHeuristicResult_t heuristic;
+    int found = 0;
+    cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, p->desc, p->layout_a, p->layout_b,
+                                                           p->layout_d, p->layout_d, preference, 1, &heuristic, &found);
+    cublasPlanCheck(cublasLtMatmulPreferenceDestroy(preference), key);
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) {
+        fprintf(stderr, "note: cuBLASLt has no algorithm for the matmul %s: it runs as %s instead\n",
+                matmul_shape(key), fallback);
+        return p;
+    }
+    cublasPlanCheck(status, key);  // any other answer of the heuristic is an error
+    p->algo = heuristic.algo;
+    p->supported = 1;
+    return p;
+}
+
+static void cublaslt_init(void) {
+    cublasCheck(cublasLtCreate(&cublaslt_handle));
+}
+
+static void cublaslt_free(void) {
+    int kept = matmul_plans_made < MATMUL_PLANS ? matmul_plans_made : MATMUL_PLANS;
+    for (int i = 0; i < kept; i++) { matmul_plan_destroy(&matmul_plans[i]); }
+    matmul_plans_made = 0;
+    cublasCheck(cublasLtDestroy(cublaslt_handle));
+}
+
+// D (m,n) = alpha * op(A) @ op(B) + beta * C, then the epilogue (bias, GELU, or GELU's
+// derivative, which reads aux), fp32 sums. A and B are floatX, stored column-major with
+// leading dimensions lda and ldb; op(X) = X^T where trans_x is set. C and D (leading
+// dimension m) are d_type: floatX, or fp32 for the weight gradients; c is NULL for C = D.
+// Returns 0 without doing anything if cuBLASLt has no algorithm for this case (then the
+// caller does `fallback`).
+static int cublaslt_matmul(void* d, cudaDataType_t d_type, const void* c, const floatX* a, int trans_a, int lda,
+                           const floatX* b, int trans_b, int ldb, int m, int n, int k, float alpha, float beta,
+                           cublasLtEpilogue_t epilogue, const floatX* bias, const floatX* aux, const char* fallback) {
+    if (c == NULL) { c = d; }
+    MatmulKey key;
+    memset(&key, 0, sizeof(key));  // the padding too: keys are compared with memcmp
+    key.m = m;
+    key.n = n;
+    key.k = k;
+    key.lda = lda;
+    key.ldb = ldb;
+    key.trans_a = trans_a;
+    key.trans_b = trans_b;
+    key.epilogue = epilogue;
+    key.d_type = d_type;
+    key.align_a = pointer_alignment(a);
+    key.align_b = pointer_alignment(b);
+    key.align_c = pointer_alignment(c);
+    key.align_d = pointer_alignment(d);
+    key.align_bias = bias != NULL ? pointer_alignment(bias) : 0;
+    key.align_aux = aux != NULL ? pointer_alignment(aux) : 0;
+    MatmulPlan* p = matmul_plan(&key, bias, aux, fallback);
+    if (!p->supported) { return 0; }
+    matmul_plan_point(p, bias, aux);
+    cublasPlanCheck(cublasLtMatmul(cublaslt_handle, p->desc, &alpha, a, p->layout_a, b, p->layout_b, &beta, c,
+                                   p->layout_d, d, p->layout_d, &p->algo, cublaslt_workspace,
+                                   CUBLASLT_WORKSPACE_SIZE,
+                                   0), &key);
+    return 1;
+}
+
+// out (N,OC) = inp (N,IC) @ weight^T + bias (OC, or NULL) + residual ((N,OC), or NULL).
+// With residual, this is a projection and the residual connection after it, in one:
+//   residual2 = residual + attproj(atty),   residual3 = residual2 + fcproj(fch_gelu)
+// so the projection's own output is never stored.
+static void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias,
+                           const floatX* residual, int N, int IC, int OC) {
+    // column-major: out^T (OC,N) = weight^T (OC,IC) @ inp^T (IC,N) + residual^T:  m = OC, n = N, k = IC
+    cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    if (cublaslt_matmul(out, CUDA_FLOATX, residual, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
+                        /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/residual != NULL ? 1.0f : 0.0f, epilogue,
+                        bias, /*aux=*/NULL, "the tiled kernel (about 100x slower)")) {
+        return;
+    }
+    // out (N,OC) = inp (N,IC) @ weight^T (IC,OC):  M = N, N = OC, K = IC
+    matmul_tiled(out, NULL, inp, /*a_row=*/IC, /*a_col=*/1, weight, /*b_row=*/1, /*b_col=*/IC, bias,
+                 /*M=*/N, /*N=*/OC, /*K=*/IC, /*alpha=*/1.0f, /*accumulate=*/0);
+    if (residual != NULL) { residual_forward(out, residual, out, (size_t)N * OC); }
+}
+
+// The MLP's first layer: pre_gelu (N,OC) = inp (N,IC) @ weight^T + bias, out = gelu(pre_gelu).
+static void matmul_gelu_forward(floatX* out, floatX* pre_gelu, const floatX* inp, const floatX* weight,
+                                const floatX* bias, int N, int IC, int OC) {
     // column-major: out^T (OC,N) = weight^T (OC,IC) @ inp^T (IC,N):  m = OC, n = N, k = IC
-    if (pre_gelu != NULL && GELU_FUSION) {
+    if (GELU_FUSION) {
         cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
-        if (cublaslt_matmul(out, CUDA_FLOATX, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
-                            /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/0.0f, epilogue, bias, /*aux=*/pre_gelu)) {
+        if (cublaslt_matmul(out, CUDA_FLOATX, NULL, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
+                            /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/0.0f, epilogue, bias, /*aux=*/pre_gelu,
+                            "a matmul and the GELU kernel")) {
             return;
         }
     }
-    floatX* result = pre_gelu != NULL ? pre_gelu : out;
-    cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-    if (!cublaslt_matmul(result, CUDA_FLOATX, weight, /*trans_a=*/1, /*lda=*/IC, inp, /*trans_b=*/0, /*ldb=*/IC,
-                         /*m=*/OC, /*n=*/N, /*k=*/IC, /*alpha=*/1.0f, /*beta=*/0.0f, epilogue, bias, /*aux=*/NULL)) {
-        // result (N,OC) = inp (N,IC) @ weight^T (IC,OC):  M = N, N = OC, K = IC
-        matmul_tiled(result, NULL, inp, /*a_row=*/IC, /*a_col=*/1, weight, /*b_row=*/1, /*b_col=*/IC, bias,
-                     /*M=*/N, /*N=*/OC, /*K=*/IC, /*alpha=*/1.0f, /*accumulate=*/0);
-    }
-    if (pre_gelu != NULL) { gelu_forward(out, pre_gelu, (size_t)N * OC); }
+    matmul_forward(pre_gelu, inp, weight, bias, NULL, N, IC, OC);
+    gelu_forward(out, pre_gelu, (size_t)N * OC);
 }
 
 // Backward of out = inp @ weight^T + bias, for the incoming gradient dout_scale * dout:
@@ -716,13 +877,13 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, const fl
                             int N, int IC, int OC, float dout_scale) {
     // column-major: dinp^T (IC,N) = weight^T (IC,OC) @ dout^T (OC,N):  m = IC, n = N, k = OC
     int fused = pre_gelu != NULL && GELU_FUSION &&
-                cublaslt_matmul(dinp, CUDA_FLOATX, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0, /*ldb=*/OC,
-                                /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f, CUBLASLT_EPILOGUE_DGELU, NULL,
-                                /*aux=*/pre_gelu);
+                cublaslt_matmul(dinp, CUDA_FLOATX, NULL, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0,
+                                /*ldb=*/OC, /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f,
+                                CUBLASLT_EPILOGUE_DGELU, NULL, /*aux=*/pre_gelu, "a matmul and the GELU kernel");
     if (!fused) {
-        if (!cublaslt_matmul(dinp, CUDA_FLOATX, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0, /*ldb=*/OC,
-                             /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL,
-                             /*aux=*/NULL)) {
+        if (!cublaslt_matmul(dinp, CUDA_FLOATX, NULL, weight, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/0,
+                             /*ldb=*/OC, /*m=*/IC, /*n=*/N, /*k=*/OC, dout_scale, /*beta=*/0.0f,
+                             CUBLASLT_EPILOGUE_DEFAULT, NULL, /*aux=*/NULL, "the tiled kernel (about 100x slower)")) {
             // dinp (N,IC) = dout (N,OC) @ weight (OC,IC):  M = N, N = IC, K = OC
             matmul_tiled(dinp, NULL, dout, /*a_row=*/OC, /*a_col=*/1, weight, /*b_row=*/IC, /*b_col=*/1, NULL,
                          /*M=*/N, /*N=*/IC, /*K=*/OC, dout_scale, /*accumulate=*/0);
@@ -730,9 +891,9 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, const fl
         if (pre_gelu != NULL) { gelu_backward(dinp, pre_gelu, dinp, (size_t)N * IC); }
     }
     // column-major: dweight^T (IC,OC) += inp^T (IC,N) @ dout (N,OC):  m = IC, n = OC, k = N
-    if (!cublaslt_matmul(dweight, CUDA_R_32F, inp, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/1, /*ldb=*/OC,
+    if (!cublaslt_matmul(dweight, CUDA_R_32F, NULL, inp, /*trans_a=*/0, /*lda=*/IC, dout, /*trans_b=*/1, /*ldb=*/OC,
                          /*m=*/IC, /*n=*/OC, /*k=*/N, dout_scale, /*beta=*/1.0f, CUBLASLT_EPILOGUE_DEFAULT, NULL,
-                         /*aux=*/NULL)) {
+                         /*aux=*/NULL, "the tiled kernel (about 100x slower)")) {
         // dweight (OC,IC) += dout^T (OC,N) @ inp (N,IC):  M = OC, N = IC, K = N
         matmul_tiled(NULL, dweight, dout, /*a_row=*/1, /*a_col=*/OC, inp, /*b_row=*/IC, /*b_col=*/1, NULL,
                      /*M=*/OC, /*N=*/IC, /*K=*/N, dout_scale, /*accumulate=*/1);
@@ -745,90 +906,20 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, const fl
 //   s[t,t2] = q[t] . k[t2] / sqrt(HS)   for t2 <= t (causal)
 //   p[t,:]  = softmax(s[t, 0..t]),      out[t] = sum over t2 of p[t,t2] v[t2]
 // The forward pass keeps one number per query, lse[t] = log(sum over t2 of exp(s[t,t2])), from
-// which the backward pass recomputes p[t,t2] = exp(s[t,t2] - lse[t]).
-// All three kernels: one thread per query (or key) row, ATT_BQ rows per block, one block row
-// per (b, h); the other side's rows pass through shared memory ATT_BK at a time.
-
-// Load rows r0 .. r0 + ATT_BK - 1 of one head's slice x (HEAD_SIZE values a row, `stride`
-// elements from one row to the next) into tile as float, times scale; rows at T or past it are
-// zero. All ATT_BQ threads of the block take part; the caller synchronises before reading.
-__device__ inline void load_tile(float tile[ATT_BK][HEAD_SIZE], const floatX* x, size_t stride, int r0, int T,
-                                 float scale) {
-    for (int e = threadIdx.x; e < ATT_BK * HEAD_SIZE; e += ATT_BQ) {
-        int j = e / HEAD_SIZE, i = e % HEAD_SIZE, r = r0 + j;
-        tile[j][i] = r < T ? to_float(x[(size_t)r * stride + i]) * scale : 0.0f;
-    }
-}
-
-// Forward. Each thread keeps its query (pre-scaled by 1/sqrt(HS)), the running maximum m and
-// sum l of exp(scores - m), and acc, the running sum of exp(score - m) v. A new tile of keys
-// raises the maximum to m', and what was summed so far is rescaled by exp(m - m') (the
-// online softmax). At the end out = acc / l and lse = m + log(l).
-extern "C" __global__ void attention_forward_kernel(floatX* out, float* lse, // (B,T,C), (B,NH,T)
-                                                    const floatX* qkv,       // (B,T,3C)
-                                                    int B, int T, int NH) {
-    __shared__ float k_tile[ATT_BK][HEAD_SIZE];
-    __shared__ float v_tile[ATT_BK][HEAD_SIZE];
-    const int C = NH * HEAD_SIZE;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int t = blockIdx.x * ATT_BQ + threadIdx.x;
-    int active = t < T;  // inactive threads still help to load the tiles
-    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
-    const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;  // head h of q in row 0 of batch b
-    float q[HEAD_SIZE], acc[HEAD_SIZE];
-    #pragma unroll
-    for (int i = 0; i < HEAD_SIZE; i++) {
-        q[i] = active ? to_float(qkv_b[(size_t)t * 3 * C + i]) * scale : 0.0f;
-        acc[i] = 0.0f;
-    }
-    float m = -INFINITY, l = 0.0f;
-    int last = min(T, (int)(blockIdx.x + 1) * ATT_BQ) - 1;  // this block's last query: keys 0..last
-    for (int k0 = 0; k0 <= last; k0 += ATT_BK) {
-        load_tile(k_tile, qkv_b + C, 3 * C, k0, T, 1.0f);
-        load_tile(v_tile, qkv_b + 2 * C, 3 * C, k0, T, 1.0f);
-        __syncthreads();
-        if (active && k0 <= t) {  // the tile holds at least one key t2 <= t
-            float s[ATT_BK];
-            float tile_max = -INFINITY;
-            #pragma unroll
-            for (int j = 0; j < ATT_BK; j++) {
-                float dot = 0.0f;
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) { dot += q[i] * k_tile[j][i]; }
-                s[j] = k0 + j <= t ? dot : -INFINITY;
-                tile_max = fmaxf(tile_max, s[j]);
-            }
-            float m_new = fmaxf(m, tile_max);
-            float rescale = expf(m - m_new);  // 0 on the first tile, where m = -inf
-            l *= rescale;
-            #pragma unroll
-            for (int i = 0; i < HEAD_SIZE; i++) { acc[i] *= rescale; }
-            #pragma unroll
-            for (int j = 0; j < ATT_BK; j++) {
-                float p = expf(s[j] - m_new);  // 0 for the masked (future) keys
-                l += p;
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) { acc[i] += p * v_tile[j][i]; }
-            }
-            m = m_new;
-        }
-        __syncthreads();
-    }
-    if (active) {
-        floatX* o = out + ((size_t)b * T + t) * C + h * HEAD_SIZE;
-        #pragma unroll
-        for (int i = 0; i < HEAD_SIZE; i++) { o[i] = to_floatX(acc[i] / l); }
-        lse[((size_t)b * NH + h) * T + t] = m + logf(l);
-    }
-}
-
-// Backward. With dout = dL/dout and dp[t,t2] = dout[t] . v[t2], the softmax's backward is
+// which the backward pass recomputes p[t,t2] = exp(s[t,t2] - lse[t]). With dout = dL/dout and
+// dp[t,t2] = dout[t] . v[t2], the softmax's backward is
 //   ds[t,t2] = p[t,t2] (dp[t,t2] - delta[t]),   delta[t] = sum over t2 of p[t,t2] dp[t,t2] = dout[t] . out[t]
 // and then, through s = q.k / sqrt(HS) and out = p v:
 //   dq[t]  = sum over t2 <= t of ds[t,t2] k[t2] / sqrt(HS)
 //   dk[t2] = sum over t >= t2 of ds[t,t2] q[t] / sqrt(HS),   dv[t2] = sum over t >= t2 of p[t,t2] dout[t]
-// delta first, one thread per (b, h, t); then dq with one thread per query, and dk, dv with
-// one thread per key, each recomputing p. Every output element has one writer: no atomics.
+// The backward computes delta first, then dq in one kernel (a block owns queries) and dk, dv
+// in another (a block owns keys), each recomputing p: every output element has one writer,
+// no atomics, and the sums run in a fixed order.
+// In bf16 the kernels run on the tensor cores (FlashAttention-2's scheme): a warp owns 16 rows,
+// the products of 16-row blocks are mma instructions with bf16 inputs and fp32 sums, and the
+// softmax statistics are fp32.
+
+// delta[b,h,t] = dout[b,t,h,:] . out[b,t,h,:], one thread per (b, h, t).
 extern "C" __global__ void attention_backward_delta_kernel(float* delta,       // (B,NH,T)
                                                            const floatX* dout, // (B,T,C)
                                                            const floatX* out,  // (B,T,C)
@@ -843,125 +934,440 @@ extern "C" __global__ void attention_backward_delta_kernel(float* delta,       /
     delta[idx] = sum;
 }
 
-extern "C" __global__ void attention_backward_dq_kernel(floatX* dqkv,                         // (B,T,3C): writes the q part
-                                                        const floatX* dout,                   // (B,T,C)
-                                                        const floatX* qkv,                    // (B,T,3C)
-                                                        const float* lse, const float* delta, // (B,NH,T), (B,NH,T)
-                                                        int B, int T, int NH) {
-    __shared__ float k_tile[ATT_BK][HEAD_SIZE];
-    __shared__ float v_tile[ATT_BK][HEAD_SIZE];
-    const int C = NH * HEAD_SIZE;
-    int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int t = blockIdx.x * ATT_BQ + threadIdx.x;
-    int active = t < T;
-    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
-    const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;
-    const floatX* dout_t = dout + ((size_t)b * T + t) * C + h * HEAD_SIZE;
-    float q[HEAD_SIZE], dy[HEAD_SIZE], dq[HEAD_SIZE];
+static void attention_backward_delta(float* delta, const floatX* dout, const floatX* out, int B, int T, int NH) {
+    attention_backward_delta_kernel<<<ceil_div((size_t)B * NH * T, BLOCK_SIZE), BLOCK_SIZE>>>(delta, dout, out, B, T, NH);
+    cudaCheck(cudaGetLastError());
+}
+
+// The tensor cores' bf16 multiply-add, one mma.sync.m16n8k16 by the 32 lanes of a warp:
+//   d (16x8, fp32) += a (16x16, bf16) @ b (16x8, bf16)
+// Each lane holds its part of each matrix in registers, in the PTX ISA's fragment layout.
+// With g = lane / 4 (0..7) and c = lane % 4 (0..3), the lane holds (row, column):
+//   a[0] = (g, 2c..2c+1),  a[1] = (g+8, 2c..2c+1),  a[2] = (g, 2c+8..2c+9),  a[3] = (g+8, 2c+8..2c+9)
+//   b[0] = (2c..2c+1, g),  b[1] = (2c+8..2c+9, g)
+//   d[0], d[1] = (g, 2c), (g, 2c+1),   d[2], d[3] = (g+8, 2c), (g+8, 2c+1)
+// where a register of a or b holds two bf16, the one of the lower column (of a) or row (of b)
+// in its low half. Two 16x8 d tiles side by side (columns 0..7 and 8..15) are, rounded to
+// bf16 and paired, exactly the a fragment of their 16x16 matrix: that is how the scores
+// become the next product's input without leaving the registers.
+__device__ inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two floats rounded to bf16 (to nearest even) in one register, lo in the low half.
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+    uint32_t bits;
+    memcpy(&bits, &pair, sizeof(bits));
+    return bits;
+}
+
+// The two bf16 at p and p + 1 in one register (p is 4-byte aligned).
+__device__ inline uint32_t pair_at(const floatX* p) {
+    return *(const uint32_t*)p;
+}
+
+// The a fragment of the 16x16 block at x of a row-major bf16 matrix (`stride` elements a row).
+__device__ inline void load_a(uint32_t a[4], const floatX* x, int stride) {
+    int g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    a[0] = pair_at(x + g * stride + 2 * c);
+    a[1] = pair_at(x + (g + 8) * stride + 2 * c);
+    a[2] = pair_at(x + g * stride + 2 * c + 8);
+    a[3] = pair_at(x + (g + 8) * stride + 2 * c + 8);
+}
+
+// The a fragment of rows r0..r0+15 of one head's slice x in global memory (HEAD_SIZE bf16 from
+// column 16 kk, `stride` elements from one row to the next), for every kk: rows at T or past
+// it are zero.
+__device__ inline void load_rows_a(uint32_t a[HEAD_SIZE / 16][4], const floatX* x, size_t stride, int r0, int T) {
+    int g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    const floatX* lo = x + (size_t)(r0 + g) * stride + 2 * c;
+    const floatX* hi = x + (size_t)(r0 + g + 8) * stride + 2 * c;
+    int lo_ok = r0 + g < T, hi_ok = r0 + g + 8 < T;
     #pragma unroll
-    for (int i = 0; i < HEAD_SIZE; i++) {
-        q[i] = active ? to_float(qkv_b[(size_t)t * 3 * C + i]) * scale : 0.0f;
-        dy[i] = active ? to_float(dout_t[i]) : 0.0f;
-        dq[i] = 0.0f;
-    }
-    size_t row = ((size_t)b * NH + h) * T + t;
-    float lse_t = active ? lse[row] : 0.0f, delta_t = active ? delta[row] : 0.0f;
-    int last = min(T, (int)(blockIdx.x + 1) * ATT_BQ) - 1;
-    for (int k0 = 0; k0 <= last; k0 += ATT_BK) {
-        load_tile(k_tile, qkv_b + C, 3 * C, k0, T, 1.0f);
-        load_tile(v_tile, qkv_b + 2 * C, 3 * C, k0, T, 1.0f);
-        __syncthreads();
-        if (active) {
-            for (int j = 0; j < ATT_BK && k0 + j <= t; j++) {
-                float s = 0.0f, dp = 0.0f;
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) {
-                    s += q[i] * k_tile[j][i];
-                    dp += dy[i] * v_tile[j][i];
-                }
-                float ds = expf(s - lse_t) * (dp - delta_t);
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) { dq[i] += ds * k_tile[j][i]; }
-            }
-        }
-        __syncthreads();
-    }
-    if (active) {
-        floatX* dq_t = dqkv + ((size_t)b * T + t) * 3 * C + h * HEAD_SIZE;
-        #pragma unroll
-        for (int i = 0; i < HEAD_SIZE; i++) { dq_t[i] = to_floatX(dq[i] * scale); }
+    for (int kk = 0; kk < HEAD_SIZE / 16; kk++) {
+        a[kk][0] = lo_ok ? pair_at(lo + 16 * kk) : 0u;
+        a[kk][1] = hi_ok ? pair_at(hi + 16 * kk) : 0u;
+        a[kk][2] = lo_ok ? pair_at(lo + 16 * kk + 8) : 0u;
+        a[kk][3] = hi_ok ? pair_at(hi + 16 * kk + 8) : 0u;
     }
 }
 
-extern "C" __global__ void attention_backward_dkdv_kernel(floatX* dqkv,                         // (B,T,3C): writes the k and v parts
-                                                          const floatX* dout,                   // (B,T,C)
-                                                          const floatX* qkv,                    // (B,T,3C)
-                                                          const float* lse, const float* delta, // (B,NH,T), (B,NH,T)
-                                                          int B, int T, int NH) {
-    __shared__ float q_tile[ATT_BK][HEAD_SIZE];  // queries, pre-scaled by 1/sqrt(HS)
-    __shared__ float dy_tile[ATT_BK][HEAD_SIZE]; // their output gradients
-    __shared__ float lse_tile[ATT_BK];
-    __shared__ float delta_tile[ATT_BK];
+// The b fragment of B = X^T, where X is a row-major matrix at x whose rows 0..7 are B's
+// columns: b[k][n] = X[n][k] (the keys of s = q k^T, for one). Two bf16 of a register are
+// neighbours in a row of X.
+__device__ inline void load_b(uint32_t b[2], const floatX* x, int stride) {
+    int g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    b[0] = pair_at(x + g * stride + 2 * c);
+    b[1] = pair_at(x + g * stride + 2 * c + 8);
+}
+
+// ldmatrix.sync.m8n8.x2.trans, by the 32 lanes of a warp: two 8x8 bf16 matrices from shared
+// memory, lanes 0-7 giving the addresses of the 8 rows (8 contiguous bf16 each) of the first,
+// lanes 8-15 those of the second, transposed on the way: lane 4g + c gets rows 2c and 2c + 1
+// of column g, of the first matrix in r[0] and of the second in r[1].
+__device__ inline void ldmatrix_x2_trans(uint32_t r[2], const floatX* row) {
+    uint32_t address = (uint32_t)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(address));
+}
+
+// The b fragment of B itself, a row-major 16x8 block at x in shared memory (the values v of
+// out = p v, for one): the two bf16 of a register lie in one column, rows apart, so ldmatrix
+// gathers them: rows 0-7 and 8-15 are its two matrices, lane i < 16 giving row i.
+__device__ inline void load_b_trans(uint32_t b[2], const floatX* x, int stride) {
+    ldmatrix_x2_trans(b, x + threadIdx.x % 16 * stride);
+}
+
+// Sum (maximum) over the 4 lanes that hold one row of an mma result (lanes 4g .. 4g+3).
+__device__ inline float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffff, x, 1);
+    return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+__device__ inline float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
+// Rows r0 .. r0 + rows - 1 of one head's slice x (HEAD_SIZE bf16 a row, `stride` elements from
+// one row to the next) into a shared-memory tile with rows of FLASH_STRIDE; rows at T or past it
+// are zero. 16 bytes (8 bf16) a load: x and stride keep every row 16-byte aligned (C is a
+// multiple of 8). All threads of the block take part; the caller synchronises.
+__device__ inline void flash_load(floatX* tile, const floatX* x, size_t stride, int r0, int rows, int T) {
+    const int chunks = HEAD_SIZE / 8;  // of a row
+    for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+        int j = e / chunks, i = e % chunks * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + j < T) { v = *(const uint4*)(x + (size_t)(r0 + j) * stride + i); }
+        *(uint4*)(tile + j * FLASH_STRIDE + i) = v;
+    }
+}
+
+#define LOG2E 1.4426950408889634f // log2(e): exp(x) = 2^(x log2 e)
+#define LN2 0.6931471805599453f   // ln(2)
+
+// Forward. A block takes FLASH_ROWS queries of one (b, h), FLASH_WARPS warps of 16 queries
+// each; the blocks of the last queries (which see the most keys) start first. The keys and
+// values pass through shared memory FLASH_BK at a time. For its 16 queries a warp keeps q as
+// a fragments, the running maximum m and sum l of 2^(score - m) per row, and the running
+// o = sum of 2^(score - m) v (16 x HEAD_SIZE, fp32). Scores are in base 2, s2 = s log2(e),
+// so that each exponential is one exp2. For each tile of keys:
+//   s2 = q k^T / sqrt(HS) log2(e)   (16 x FLASH_BK; -inf where the key comes after the query)
+//   m' = max(m, max of the row of s2),  o *= 2^(m - m'),  l *= 2^(m - m')    (the online softmax)
+//   p = 2^(s2 - m'),  l += sum of the row of p,  o += p v  (p rounded to bf16 for the mma)
+// At the end out = o / l, and lse = ln(sum of exp(s)) = m ln(2) + ln(l).
+extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS)
+flash_forward_kernel(floatX* out, float* lse, // (B,T,C), (B,NH,T)
+                     const floatX* qkv,       // (B,T,3C)
+                     int B, int T, int NH) {
+    __shared__ __align__(16) floatX k_tile[FLASH_BK * FLASH_STRIDE];  // keys k0 .. k0 + FLASH_BK - 1
+    __shared__ __align__(16) floatX v_tile[FLASH_BK * FLASH_STRIDE];
     const int C = NH * HEAD_SIZE;
     int b = blockIdx.y / NH, h = blockIdx.y % NH;
-    int t2 = blockIdx.x * ATT_BQ + threadIdx.x;  // this thread's key
-    int active = t2 < T;
-    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FLASH_ROWS; // this block's first query
+    int qw = q0 + 16 * warp;                            // this warp's: rows qw + g and qw + g + 8 are this lane's
+    const float scale2 = rsqrtf((float)HEAD_SIZE) * LOG2E;
+    const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;  // head h of q in row 0 of batch b
+
+    uint32_t qf[HEAD_SIZE / 16][4];  // q (16 x HEAD_SIZE): columns 16 kk .. 16 kk + 15 in qf[kk]
+    load_rows_a(qf, qkv_b, 3 * C, qw, T);
+    float o[HEAD_SIZE / 8][4];  // columns 8 n .. 8 n + 7 in o[n]
+    #pragma unroll
+    for (int n = 0; n < HEAD_SIZE / 8; n++) { o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f; }
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8; l: this lane's columns only
+
+    int last = min(T, q0 + FLASH_ROWS) - 1;  // this block's last query: keys 0..last
+    for (int k0 = 0; k0 <= last; k0 += FLASH_BK) {
+        __syncthreads();  // every warp is done with the previous tile
+        flash_load(k_tile, qkv_b + C, 3 * C, k0, FLASH_BK, T);
+        flash_load(v_tile, qkv_b + 2 * C, 3 * C, k0, FLASH_BK, T);
+        __syncthreads();
+        if (k0 > qw + 15) { continue; }  // all its keys come after this warp's queries
+        // k0 and qw are multiples of 16, so here k0 <= qw: the tile has a key at or before
+        // every query of the warp, and no row of s2 is all -inf.
+        float s[FLASH_BK / 8][4];  // keys k0 + 8 j .. k0 + 8 j + 7 in s[j]
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK / 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            #pragma unroll
+            for (int kk = 0; kk < HEAD_SIZE / 16; kk++) {
+                uint32_t kb[2];
+                load_b(kb, k_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(s[j], qf[kk], kb);
+            }
+        }
+        float row_max[2] = {-INFINITY, -INFINITY};
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK / 8; j++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {  // row qw + g + 8 (e / 2), key k0 + 8 j + 2 c + e % 2
+                int key = k0 + 8 * j + 2 * c + e % 2, query = qw + g + 8 * (e / 2);
+                s[j][e] = key <= query ? s[j][e] * scale2 : -INFINITY;
+                row_max[e / 2] = fmaxf(row_max[e / 2], s[j][e]);
+            }
+        }
+        float rescale[2];
+        #pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float m_new = fmaxf(m[r], quad_max(row_max[r]));
+            rescale[r] = exp2f(m[r] - m_new);  // 0 on the first tile, where m = -inf
+            m[r] = m_new;
+            l[r] *= rescale[r];
+        }
+        #pragma unroll
+        for (int n = 0; n < HEAD_SIZE / 8; n++) {
+            o[n][0] *= rescale[0];
+            o[n][1] *= rescale[0];
+            o[n][2] *= rescale[1];
+            o[n][3] *= rescale[1];
+        }
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK / 8; j++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[j][e] = exp2f(s[j][e] - m[e / 2]);  // p; 0 for the masked keys
+                l[e / 2] += s[j][e];
+            }
+        }
+        // o += p v, 16 keys (the k of the mma) at a time: p's fragment from s[2 kk], s[2 kk + 1]
+        #pragma unroll
+        for (int kk = 0; kk < FLASH_BK / 16; kk++) {
+            uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            #pragma unroll
+            for (int n = 0; n < HEAD_SIZE / 8; n++) {
+                uint32_t vb[2];
+                load_b_trans(vb, v_tile + 16 * kk * FLASH_STRIDE + 8 * n, FLASH_STRIDE);
+                mma_m16n8k16(o[n], pa, vb);
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int query = qw + g + 8 * r;
+        float row_sum = quad_sum(l[r]);  // (all lanes take part)
+        if (query >= T) { continue; }
+        floatX* out_t = out + ((size_t)b * T + query) * C + h * HEAD_SIZE + 2 * c;
+        #pragma unroll
+        for (int n = 0; n < HEAD_SIZE / 8; n++) {
+            *(uint32_t*)(out_t + 8 * n) = pack_bf16(o[n][2 * r] / row_sum, o[n][2 * r + 1] / row_sum);
+        }
+        if (c == 0) { lse[((size_t)b * NH + h) * T + query] = m[r] * LN2 + logf(row_sum); }
+    }
+}
+
+// Backward, dq. A block takes FLASH_ROWS queries as the forward does (the last first), and the
+// keys and values pass through shared memory FLASH_BK_DQ at a time. A warp keeps q and dout of
+// its 16 queries as a fragments, their lse (in base 2) and delta, and dq (fp32). For each tile:
+//   p = 2^(q k^T / sqrt(HS) log2(e) - lse log2(e))   (0 where the key comes after the query)
+//   dp = dout v^T,  ds = p (dp - delta),  dq += ds k   (ds rounded to bf16 for the mma)
+// and at the end dq / sqrt(HS) goes to dqkv.
+extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS)
+flash_backward_dq_kernel(floatX* dqkv,                         // (B,T,3C): writes the q part
+                         const floatX* dout,                   // (B,T,C)
+                         const floatX* qkv,                    // (B,T,3C)
+                         const float* lse, const float* delta, // (B,NH,T), (B,NH,T)
+                         int B, int T, int NH) {
+    __shared__ __align__(16) floatX k_tile[FLASH_BK_DQ * FLASH_STRIDE];
+    __shared__ __align__(16) floatX v_tile[FLASH_BK_DQ * FLASH_STRIDE];
+    const int C = NH * HEAD_SIZE;
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FLASH_ROWS;
+    int qw = q0 + 16 * warp;
+    const float scale = rsqrtf((float)HEAD_SIZE), scale2 = scale * LOG2E;
+    const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;
+
+    uint32_t qf[HEAD_SIZE / 16][4], dyf[HEAD_SIZE / 16][4];
+    load_rows_a(qf, qkv_b, 3 * C, qw, T);
+    load_rows_a(dyf, dout + (size_t)b * T * C + h * HEAD_SIZE, C, qw, T);
+    float lse2[2], delta_r[2];  // rows g and g + 8; a row past T gets lse = +inf, so that its p is 0
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int query = qw + g + 8 * r;
+        size_t row = ((size_t)b * NH + h) * T + query;
+        lse2[r] = query < T ? lse[row] * LOG2E : INFINITY;
+        delta_r[r] = query < T ? delta[row] : 0.0f;
+    }
+    float dq[HEAD_SIZE / 8][4];
+    #pragma unroll
+    for (int n = 0; n < HEAD_SIZE / 8; n++) { dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f; }
+
+    int last = min(T, q0 + FLASH_ROWS) - 1;
+    for (int k0 = 0; k0 <= last; k0 += FLASH_BK_DQ) {
+        __syncthreads();
+        flash_load(k_tile, qkv_b + C, 3 * C, k0, FLASH_BK_DQ, T);
+        flash_load(v_tile, qkv_b + 2 * C, 3 * C, k0, FLASH_BK_DQ, T);
+        __syncthreads();
+        if (k0 > qw + 15) { continue; }                      // all its keys come after this warp's queries
+        float s[FLASH_BK_DQ / 8][4], dp[FLASH_BK_DQ / 8][4]; // keys k0 + 8 j .. k0 + 8 j + 7 in [j]
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK_DQ / 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
+            #pragma unroll
+            for (int kk = 0; kk < HEAD_SIZE / 16; kk++) {
+                uint32_t kb[2], vb[2];
+                load_b(kb, k_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(s[j], qf[kk], kb);
+                load_b(vb, v_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(dp[j], dyf[kk], vb);
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < FLASH_BK_DQ / 8; j++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {  // row qw + g + 8 (e / 2), key k0 + 8 j + 2 c + e % 2
+                int key = k0 + 8 * j + 2 * c + e % 2, query = qw + g + 8 * (e / 2);
+                float p = key <= query ? exp2f(s[j][e] * scale2 - lse2[e / 2]) : 0.0f;
+                s[j][e] = p * (dp[j][e] - delta_r[e / 2]);  // ds
+            }
+        }
+        // dq += ds k, 16 keys (the k of the mma) at a time; k's rows run down the keys: ldmatrix.trans
+        #pragma unroll
+        for (int kk = 0; kk < FLASH_BK_DQ / 16; kk++) {
+            uint32_t dsa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                               pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            #pragma unroll
+            for (int n = 0; n < HEAD_SIZE / 8; n++) {
+                uint32_t kb[2];
+                load_b_trans(kb, k_tile + 16 * kk * FLASH_STRIDE + 8 * n, FLASH_STRIDE);
+                mma_m16n8k16(dq[n], dsa, kb);
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int query = qw + g + 8 * r;
+        if (query >= T) { continue; }
+        floatX* dq_t = dqkv + ((size_t)b * T + query) * 3 * C + h * HEAD_SIZE + 2 * c;
+        #pragma unroll
+        for (int n = 0; n < HEAD_SIZE / 8; n++) {
+            *(uint32_t*)(dq_t + 8 * n) = pack_bf16(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
+        }
+    }
+}
+
+// Backward, dk and dv. A block takes FLASH_ROWS keys of one (b, h), FLASH_WARPS warps of 16
+// keys each, kept in shared memory with their values; the blocks of the first keys (which the
+// most queries see) start first. The queries, their output gradients, lse and delta pass
+// through shared memory FLASH_BQ_DKDV at a time, from the block's first key on. Per tile, with
+// the keys as rows (the transposes of the dq kernel's products):
+//   p^T = 2^(k q^T / sqrt(HS) log2(e) - lse log2(e))   (0 where the query comes before the key)
+//   dp^T = v dout^T,  ds^T = p^T (dp^T - delta),  dv += p^T dout,  dk += ds^T q
+// and at the end dk / sqrt(HS) and dv go to dqkv.
+extern "C" __global__ void __launch_bounds__(32 * FLASH_WARPS)
+flash_backward_dkdv_kernel(floatX* dqkv,                         // (B,T,3C): writes the k and v parts
+                           const floatX* dout,                   // (B,T,C)
+                           const floatX* qkv,                    // (B,T,3C)
+                           const float* lse, const float* delta, // (B,NH,T), (B,NH,T)
+                           int B, int T, int NH) {
+    __shared__ __align__(16) floatX k_rows[FLASH_ROWS * FLASH_STRIDE];     // this block's keys
+    __shared__ __align__(16) floatX v_rows[FLASH_ROWS * FLASH_STRIDE];     // and their values
+    __shared__ __align__(16) floatX q_tile[FLASH_BQ_DKDV * FLASH_STRIDE];  // queries q0 .. q0 + FLASH_BQ_DKDV - 1
+    __shared__ __align__(16) floatX dy_tile[FLASH_BQ_DKDV * FLASH_STRIDE]; // their output gradients
+    __shared__ float lse_tile[FLASH_BQ_DKDV];                              // lse log2(e); +inf past T: p = 0
+    __shared__ float delta_tile[FLASH_BQ_DKDV];
+    const int C = NH * HEAD_SIZE;
+    int b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+    int k0 = blockIdx.x * FLASH_ROWS; // this block's first key
+    int kw = k0 + 16 * warp;          // this warp's: rows kw + g and kw + g + 8 are this lane's
+    const float scale = rsqrtf((float)HEAD_SIZE), scale2 = scale * LOG2E;
     const floatX* qkv_b = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;
     const floatX* dout_b = dout + (size_t)b * T * C + h * HEAD_SIZE;
     const float* lse_bh = lse + ((size_t)b * NH + h) * T;
     const float* delta_bh = delta + ((size_t)b * NH + h) * T;
-    float k[HEAD_SIZE], v[HEAD_SIZE], dk[HEAD_SIZE], dv[HEAD_SIZE];
+    flash_load(k_rows, qkv_b + C, 3 * C, k0, FLASH_ROWS, T);
+    flash_load(v_rows, qkv_b + 2 * C, 3 * C, k0, FLASH_ROWS, T);
+    const floatX* k_warp = k_rows + 16 * warp * FLASH_STRIDE;
+    const floatX* v_warp = v_rows + 16 * warp * FLASH_STRIDE;
+    float dk[HEAD_SIZE / 8][4], dv[HEAD_SIZE / 8][4];
     #pragma unroll
-    for (int i = 0; i < HEAD_SIZE; i++) {
-        k[i] = active ? to_float(qkv_b[(size_t)t2 * 3 * C + C + i]) : 0.0f;
-        v[i] = active ? to_float(qkv_b[(size_t)t2 * 3 * C + 2 * C + i]) : 0.0f;
-        dk[i] = 0.0f;
-        dv[i] = 0.0f;
+    for (int n = 0; n < HEAD_SIZE / 8; n++) {
+        dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.0f;
+        dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
     }
-    int first = blockIdx.x * ATT_BQ;  // this block's first key: queries first..T-1 can see it
-    for (int q0 = first; q0 < T; q0 += ATT_BK) {
-        load_tile(q_tile, qkv_b, 3 * C, q0, T, scale);
-        load_tile(dy_tile, dout_b, C, q0, T, 1.0f);
-        for (int j = threadIdx.x; j < ATT_BK; j += ATT_BQ) {
-            lse_tile[j] = q0 + j < T ? lse_bh[q0 + j] : 0.0f;
+
+    for (int q0 = k0; q0 < T; q0 += FLASH_BQ_DKDV) { // the queries before k0 see none of these keys
+        __syncthreads();                             // the keys are in; every warp is done with the previous tile
+        flash_load(q_tile, qkv_b, 3 * C, q0, FLASH_BQ_DKDV, T);
+        flash_load(dy_tile, dout_b, C, q0, FLASH_BQ_DKDV, T);
+        for (int j = threadIdx.x; j < FLASH_BQ_DKDV; j += blockDim.x) {
+            lse_tile[j] = q0 + j < T ? lse_bh[q0 + j] * LOG2E : INFINITY;
             delta_tile[j] = q0 + j < T ? delta_bh[q0 + j] : 0.0f;
         }
         __syncthreads();
-        if (active) {
-            for (int j = 0; j < ATT_BK && q0 + j < T; j++) {
-                if (q0 + j < t2) { continue; }  // that query comes before this key: masked
-                float s = 0.0f, dp = 0.0f;
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) {
-                    s += q_tile[j][i] * k[i];
-                    dp += dy_tile[j][i] * v[i];
-                }
-                float p = expf(s - lse_tile[j]);
-                float ds = p * (dp - delta_tile[j]);
-                #pragma unroll
-                for (int i = 0; i < HEAD_SIZE; i++) {
-                    dv[i] += p * dy_tile[j][i];
-                    dk[i] += ds * q_tile[j][i];  // q_tile is pre-scaled: this is ds q / sqrt(HS)
-                }
+        if (q0 + FLASH_BQ_DKDV - 1 < kw) { continue; }             // all its queries come before this warp's keys
+        float st[FLASH_BQ_DKDV / 8][4], dpt[FLASH_BQ_DKDV / 8][4]; // queries q0 + 8 j .. q0 + 8 j + 7 in [j]
+        #pragma unroll
+        for (int j = 0; j < FLASH_BQ_DKDV / 8; j++) {
+            st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.0f;
+            dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.0f;
+        }
+        #pragma unroll
+        for (int kk = 0; kk < HEAD_SIZE / 16; kk++) {
+            uint32_t ka[4], va[4];
+            load_a(ka, k_warp + 16 * kk, FLASH_STRIDE);
+            load_a(va, v_warp + 16 * kk, FLASH_STRIDE);
+            #pragma unroll
+            for (int j = 0; j < FLASH_BQ_DKDV / 8; j++) {
+                uint32_t qb[2], dyb[2];
+                load_b(qb, q_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(st[j], ka, qb);
+                load_b(dyb, dy_tile + 8 * j * FLASH_STRIDE + 16 * kk, FLASH_STRIDE);
+                mma_m16n8k16(dpt[j], va, dyb);
             }
         }
-        __syncthreads();
-    }
-    if (active) {
-        floatX* d = dqkv + ((size_t)b * T + t2) * 3 * C + h * HEAD_SIZE;
         #pragma unroll
-        for (int i = 0; i < HEAD_SIZE; i++) {
-            d[C + i] = to_floatX(dk[i]);
-            d[2 * C + i] = to_floatX(dv[i]);
+        for (int j = 0; j < FLASH_BQ_DKDV / 8; j++) {
+            #pragma unroll
+            for (int e = 0; e < 4; e++) {  // key kw + g + 8 (e / 2), query q0 + i with i = 8 j + 2 c + e % 2
+                int i = 8 * j + 2 * c + e % 2, key = kw + g + 8 * (e / 2);
+                float p = q0 + i >= key ? exp2f(st[j][e] * scale2 - lse_tile[i]) : 0.0f;
+                st[j][e] = p;
+                dpt[j][e] = p * (dpt[j][e] - delta_tile[i]);  // ds^T
+            }
+        }
+        // dv += p^T dout and dk += ds^T q, 16 queries (the k of the mma) at a time: ldmatrix.trans
+        #pragma unroll
+        for (int kk = 0; kk < FLASH_BQ_DKDV / 16; kk++) {
+            uint32_t pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                              pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]), pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+            uint32_t dsa[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                               pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                               pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+            #pragma unroll
+            for (int n = 0; n < HEAD_SIZE / 8; n++) {
+                uint32_t dyb[2], qb[2];
+                load_b_trans(dyb, dy_tile + 16 * kk * FLASH_STRIDE + 8 * n, FLASH_STRIDE);
+                mma_m16n8k16(dv[n], pa, dyb);
+                load_b_trans(qb, q_tile + 16 * kk * FLASH_STRIDE + 8 * n, FLASH_STRIDE);
+                mma_m16n8k16(dk[n], dsa, qb);
+            }
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int key = kw + g + 8 * r;
+        if (key >= T) { continue; }
+        floatX* d = dqkv + ((size_t)b * T + key) * 3 * C + h * HEAD_SIZE + 2 * c;
+        #pragma unroll
+        for (int n = 0; n < HEAD_SIZE / 8; n++) {
+            *(uint32_t*)(d + C + 8 * n) = pack_bf16(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
+            *(uint32_t*)(d + 2 * C + 8 * n) = pack_bf16(dv[n][2 * r], dv[n][2 * r + 1]);
         }
     }
 }
 
 // out (B,T,C) and lse (B,NH,T) from qkv (B,T,3C).
 static void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int NH) {
-    dim3 grid(ceil_div(T, ATT_BQ), B * NH);
-    attention_forward_kernel<<<grid, ATT_BQ>>>(out, lse, qkv, B, T, NH);
+    dim3 grid(ceil_div(T, FLASH_ROWS), B * NH);
+    flash_forward_kernel<<<grid, 32 * FLASH_WARPS>>>(out, lse, qkv, B, T, NH);
     cudaCheck(cudaGetLastError());
 }
 
@@ -969,26 +1375,11 @@ static void attention_forward(floatX* out, float* lse, const floatX* qkv, int B,
 // (B,NH,T), a scratch buffer.
 static void attention_backward(floatX* dqkv, float* delta, const floatX* dout, const floatX* qkv, const floatX* out,
                                const float* lse, int B, int T, int NH) {
-    attention_backward_delta_kernel<<<ceil_div((size_t)B * NH * T, BLOCK_SIZE), BLOCK_SIZE>>>(delta, dout, out, B, T, NH);
+    attention_backward_delta(delta, dout, out, B, T, NH);
+    dim3 grid(ceil_div(T, FLASH_ROWS), B * NH);
+    flash_backward_dq_kernel<<<grid, 32 * FLASH_WARPS>>>(dqkv, dout, qkv, lse, delta, B, T, NH);
     cudaCheck(cudaGetLastError());
-    dim3 grid(ceil_div(T, ATT_BQ), B * NH);
-    attention_backward_dq_kernel<<<grid, ATT_BQ>>>(dqkv, dout, qkv, lse, delta, B, T, NH);
-    cudaCheck(cudaGetLastError());
-    attention_backward_dkdv_kernel<<<grid, ATT_BQ>>>(dqkv, dout, qkv, lse, delta, B, T, NH);
-    cudaCheck(cudaGetLastError());
-}
-
-// Residual connection: out = inp1 + inp2, one thread per element. Its backward is the
-// identity for both inputs, so the backward pass has no kernel for it: one buffer carries
-// the gradient of the residual stream through every block, and the layernorms add theirs.
-extern "C" __global__ void residual_forward_kernel(floatX* out, const floatX* inp1, const floatX* inp2, // (N), (N), (N)
-                                                   size_t N) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < N) { out[i] = to_floatX(to_float(inp1[i]) + to_float(inp2[i])); }
-}
-
-static void residual_forward(floatX* out, const floatX* inp1, const floatX* inp2, size_t N) {
-    residual_forward_kernel<<<ceil_div(N, BLOCK_SIZE), BLOCK_SIZE>>>(out, inp1, inp2, N);
+    flash_backward_dkdv_kernel<<<grid, 32 * FLASH_WARPS>>>(dqkv, dout, qkv, lse, delta, B, T, NH);
     cudaCheck(cudaGetLastError());
 }
 
@@ -1343,10 +1734,10 @@ static LayerGrads layer_grads(const GradientTensors* all, int l) {
 }
 
 // The activations of the forward pass that the backward pass needs, one GPU allocation
-// each. They hold no T x T attention matrices (the attention recomputes them from q, k and
-// att_lse) and no probabilities (the fused classifier turns the logits into their gradient
-// in place).
-#define NUM_ACTIVATION_TENSORS 21
+// each (see device_buffers). They hold no T x T attention matrices (the attention recomputes
+// them from q, k and att_lse), no outputs of the projections before the residual connections
+// (the matmuls add those into the residual stream as they compute them), and no probabilities
+// (the fused classifier turns the logits into their gradient in place).
 typedef struct {
     floatX* encoded;   // (B,T,C) token + position embedding
     floatX* ln1;       // (L,B,T,C) layernorm 1 output
@@ -1355,91 +1746,19 @@ typedef struct {
     floatX* qkv;       // (L,B,T,3C) q, k, v for every position
     floatX* atty;      // (L,B,T,C) attention output, heads concatenated
     float* att_lse;    // (L,B,NH,T) attention softmax statistic: log of the sum of exp(scores) per query
-    floatX* attproj;   // (L,B,T,C) attention output projection
-    floatX* residual2; // (L,B,T,C) residual stream after attention
+    floatX* residual2; // (L,B,T,C) residual stream after attention (the projection added in place)
     floatX* ln2;       // (L,B,T,C) layernorm 2 output
     float* ln2_mean;   // (L,B,T) layernorm 2 mean
     float* ln2_rstd;   // (L,B,T) layernorm 2 reciprocal standard deviation
     floatX* fch;       // (L,B,T,4C) MLP hidden pre-activation
     floatX* fch_gelu;  // (L,B,T,4C) MLP hidden after GELU
-    floatX* fcproj;    // (L,B,T,C) MLP output projection
-    floatX* residual3; // (L,B,T,C) residual stream after the MLP
+    floatX* residual3; // (L,B,T,C) residual stream after the MLP (the projection added in place)
     floatX* lnf;       // (B,T,C) final layernorm output
     float* lnf_mean;   // (B,T) final layernorm mean
     float* lnf_rstd;   // (B,T) final layernorm reciprocal standard deviation
     floatX* logits;    // (B,T,Vp) classifier logits; after the classifier's backward, their gradient
     float* losses;     // (B,T) cross-entropy loss at each position
 } ActivationTensors;
-
-// Elements in each activation tensor for a batch of B sequences of T tokens, and bytes per element.
-static void activation_sizes(size_t sizes[NUM_ACTIVATION_TENSORS], size_t bytes[NUM_ACTIVATION_TENSORS], int B, int T) {
-    sizes[0] = (size_t)B * T * CHANNELS;                   // encoded (B,T,C)
-    sizes[1] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // ln1 (L,B,T,C)
-    sizes[2] = (size_t)NUM_LAYERS * B * T;                 // ln1_mean (L,B,T)
-    sizes[3] = (size_t)NUM_LAYERS * B * T;                 // ln1_rstd (L,B,T)
-    sizes[4] = (size_t)NUM_LAYERS * B * T * 3 * CHANNELS;  // qkv (L,B,T,3C)
-    sizes[5] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // atty (L,B,T,C)
-    sizes[6] = (size_t)NUM_LAYERS * B * NUM_HEADS * T;     // att_lse (L,B,NH,T)
-    sizes[7] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // attproj (L,B,T,C)
-    sizes[8] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // residual2 (L,B,T,C)
-    sizes[9] = (size_t)NUM_LAYERS * B * T * CHANNELS;      // ln2 (L,B,T,C)
-    sizes[10] = (size_t)NUM_LAYERS * B * T;                // ln2_mean (L,B,T)
-    sizes[11] = (size_t)NUM_LAYERS * B * T;                // ln2_rstd (L,B,T)
-    sizes[12] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS; // fch (L,B,T,4C)
-    sizes[13] = (size_t)NUM_LAYERS * B * T * 4 * CHANNELS; // fch_gelu (L,B,T,4C)
-    sizes[14] = (size_t)NUM_LAYERS * B * T * CHANNELS;     // fcproj (L,B,T,C)
-    sizes[15] = (size_t)NUM_LAYERS * B * T * CHANNELS;     // residual3 (L,B,T,C)
-    sizes[16] = (size_t)B * T * CHANNELS;                  // lnf (B,T,C)
-    sizes[17] = (size_t)B * T;                             // lnf_mean (B,T)
-    sizes[18] = (size_t)B * T;                             // lnf_rstd (B,T)
-    sizes[19] = (size_t)B * T * PADDED_VOCAB_SIZE;         // logits (B,T,Vp)
-    sizes[20] = (size_t)B * T;                             // losses (B,T)
-    bytes[0] = sizeof(floatX);                             // encoded
-    bytes[1] = sizeof(floatX);                             // ln1
-    bytes[2] = sizeof(float);                              // ln1_mean
-    bytes[3] = sizeof(float);                              // ln1_rstd
-    bytes[4] = sizeof(floatX);                             // qkv
-    bytes[5] = sizeof(floatX);                             // atty
-    bytes[6] = sizeof(float);                              // att_lse
-    bytes[7] = sizeof(floatX);                             // attproj
-    bytes[8] = sizeof(floatX);                             // residual2
-    bytes[9] = sizeof(floatX);                             // ln2
-    bytes[10] = sizeof(float);                             // ln2_mean
-    bytes[11] = sizeof(float);                             // ln2_rstd
-    bytes[12] = sizeof(floatX);                            // fch
-    bytes[13] = sizeof(floatX);                            // fch_gelu
-    bytes[14] = sizeof(floatX);                            // fcproj
-    bytes[15] = sizeof(floatX);                            // residual3
-    bytes[16] = sizeof(floatX);                            // lnf
-    bytes[17] = sizeof(float);                             // lnf_mean
-    bytes[18] = sizeof(float);                             // lnf_rstd
-    bytes[19] = sizeof(floatX);                            // logits
-    bytes[20] = sizeof(float);                             // losses
-}
-
-static void activation_pointers(void** ptrs[NUM_ACTIVATION_TENSORS], ActivationTensors* a) {
-    ptrs[0] = (void**)&a->encoded;
-    ptrs[1] = (void**)&a->ln1;
-    ptrs[2] = (void**)&a->ln1_mean;
-    ptrs[3] = (void**)&a->ln1_rstd;
-    ptrs[4] = (void**)&a->qkv;
-    ptrs[5] = (void**)&a->atty;
-    ptrs[6] = (void**)&a->att_lse;
-    ptrs[7] = (void**)&a->attproj;
-    ptrs[8] = (void**)&a->residual2;
-    ptrs[9] = (void**)&a->ln2;
-    ptrs[10] = (void**)&a->ln2_mean;
-    ptrs[11] = (void**)&a->ln2_rstd;
-    ptrs[12] = (void**)&a->fch;
-    ptrs[13] = (void**)&a->fch_gelu;
-    ptrs[14] = (void**)&a->fcproj;
-    ptrs[15] = (void**)&a->residual3;
-    ptrs[16] = (void**)&a->lnf;
-    ptrs[17] = (void**)&a->lnf_mean;
-    ptrs[18] = (void**)&a->lnf_rstd;
-    ptrs[19] = (void**)&a->logits;
-    ptrs[20] = (void**)&a->losses;
-}
 
 // Layer l's slices of the activations of a batch of B x T: layer l's slice of an
 // (L,B,T,...) tensor starts at l*B*T*...
@@ -1450,15 +1769,13 @@ typedef struct {
     floatX* qkv;       // (B,T,3C) q, k, v for every position
     floatX* atty;      // (B,T,C) attention output, heads concatenated
     float* att_lse;    // (B,NH,T) attention softmax statistic: log of the sum of exp(scores) per query
-    floatX* attproj;   // (B,T,C) attention output projection
-    floatX* residual2; // (B,T,C) residual stream after attention
+    floatX* residual2; // (B,T,C) residual stream after attention (the projection added in place)
     floatX* ln2;       // (B,T,C) layernorm 2 output
     float* ln2_mean;   // (B,T) layernorm 2 mean
     float* ln2_rstd;   // (B,T) layernorm 2 reciprocal standard deviation
     floatX* fch;       // (B,T,4C) MLP hidden pre-activation
     floatX* fch_gelu;  // (B,T,4C) MLP hidden after GELU
-    floatX* fcproj;    // (B,T,C) MLP output projection
-    floatX* residual3; // (B,T,C) residual stream after the MLP
+    floatX* residual3; // (B,T,C) residual stream after the MLP (the projection added in place)
 } LayerActs;
 
 static LayerActs layer_acts(const ActivationTensors* all, int l, int B, int T) {
@@ -1469,27 +1786,23 @@ static LayerActs layer_acts(const ActivationTensors* all, int l, int B, int T) {
     v.qkv = all->qkv + (size_t)l * B * T * 3 * CHANNELS;
     v.atty = all->atty + (size_t)l * B * T * CHANNELS;
     v.att_lse = all->att_lse + (size_t)l * B * NUM_HEADS * T;
-    v.attproj = all->attproj + (size_t)l * B * T * CHANNELS;
     v.residual2 = all->residual2 + (size_t)l * B * T * CHANNELS;
     v.ln2 = all->ln2 + (size_t)l * B * T * CHANNELS;
     v.ln2_mean = all->ln2_mean + (size_t)l * B * T;
     v.ln2_rstd = all->ln2_rstd + (size_t)l * B * T;
     v.fch = all->fch + (size_t)l * B * T * 4 * CHANNELS;
     v.fch_gelu = all->fch_gelu + (size_t)l * B * T * 4 * CHANNELS;
-    v.fcproj = all->fcproj + (size_t)l * B * T * CHANNELS;
     v.residual3 = all->residual3 + (size_t)l * B * T * CHANNELS;
     return v;
 }
 
-// Where the token ids of a batch are grouped by token for the encoder's backward pass.
+// Where the token ids of a batch are grouped by token for the encoder's backward pass: the
+// host's arrays (the GPU's are device buffers).
 static void token_buckets_alloc(TokenBuckets* bk, int BT) {
     bk->tokens = (int*)malloc_check(PADDED_VOCAB_SIZE * sizeof(int));
     bk->starts = (int*)malloc_check((PADDED_VOCAB_SIZE + 1) * sizeof(int));
     bk->positions = (int*)malloc_check((size_t)BT * sizeof(int));
     bk->counts = (int*)calloc_check(PADDED_VOCAB_SIZE, sizeof(int));
-    bk->tokens_gpu = (int*)gpu_malloc(PADDED_VOCAB_SIZE * sizeof(int), "token buckets");
-    bk->starts_gpu = (int*)gpu_malloc((PADDED_VOCAB_SIZE + 1) * sizeof(int), "token buckets");
-    bk->positions_gpu = (int*)gpu_malloc((size_t)BT * sizeof(int), "token buckets");
 }
 
 static void token_buckets_free(TokenBuckets* bk) {
@@ -1497,9 +1810,6 @@ static void token_buckets_free(TokenBuckets* bk) {
     free(bk->starts);
     free(bk->positions);
     free(bk->counts);
-    cudaCheck(cudaFree(bk->tokens_gpu));
-    cudaCheck(cudaFree(bk->starts_gpu));
-    cudaCheck(cudaFree(bk->positions_gpu));
 }
 
 typedef struct {
@@ -1527,40 +1837,76 @@ typedef struct {
     float mean_loss;       // mean of losses after a forward with targets, else -1
 } GPT2;
 
+// Every device allocation, for batches of up to B x T tokens: where its pointer goes, its
+// bytes, and what it holds. gpt2_alloc makes them all, and the program allocates nothing else
+// on the device (but what cuBLASLt keeps for its handle), so their sum is the device memory a
+// run takes: it prints the sum as it starts.
+typedef struct {
+    void** ptr;
+    size_t bytes;
+    const char* what;
+} DeviceBuffer;
+
+#define NUM_DEVICE_BUFFERS 36
+static void device_buffers(DeviceBuffer buffers[NUM_DEVICE_BUFFERS], GPT2* model, int B, int T) {
+    DeviceBuffer list[NUM_DEVICE_BUFFERS] = {
+        {(void**)&model->params_memory, NUM_PARAMETERS * sizeof(floatX), "the parameters"}, // (NUM_PARAMETERS)
+        {(void**)&model->grads_memory, NUM_PARAMETERS * sizeof(float), "the gradients"}, // (NUM_PARAMETERS)
+        {(void**)&model->master_memory, NUM_PARAMETERS * sizeof(float), "the master weights"}, // (NUM_PARAMETERS)
+        {(void**)&model->m_memory, NUM_PARAMETERS * sizeof(float), "AdamW's m"}, // (NUM_PARAMETERS)
+        {(void**)&model->v_memory, NUM_PARAMETERS * sizeof(float), "AdamW's v"}, // (NUM_PARAMETERS)
+        {(void**)&model->acts.encoded, (size_t)B * T * CHANNELS * sizeof(floatX), "the activation encoded"}, // (B,T,C)
+        {(void**)&model->acts.ln1, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation ln1"}, // (L,B,T,C)
+        {(void**)&model->acts.ln1_mean, (size_t)NUM_LAYERS * B * T * sizeof(float), "the activation ln1_mean"}, // (L,B,T)
+        {(void**)&model->acts.ln1_rstd, (size_t)NUM_LAYERS * B * T * sizeof(float), "the activation ln1_rstd"}, // (L,B,T)
+        {(void**)&model->acts.qkv, (size_t)NUM_LAYERS * B * T * 3 * CHANNELS * sizeof(floatX), "the activation qkv"}, // (L,B,T,3C)
+        {(void**)&model->acts.atty, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation atty"}, // (L,B,T,C)
+        {(void**)&model->acts.att_lse, (size_t)NUM_LAYERS * B * NUM_HEADS * T * sizeof(float), "the activation att_lse"}, // (L,B,NH,T)
+        {(void**)&model->acts.residual2, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation residual2"}, // (L,B,T,C)
+        {(void**)&model->acts.ln2, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation ln2"}, // (L,B,T,C)
+        {(void**)&model->acts.ln2_mean, (size_t)NUM_LAYERS * B * T * sizeof(float), "the activation ln2_mean"}, // (L,B,T)
+        {(void**)&model->acts.ln2_rstd, (size_t)NUM_LAYERS * B * T * sizeof(float), "the activation ln2_rstd"}, // (L,B,T)
+        {(void**)&model->acts.fch, (size_t)NUM_LAYERS * B * T * 4 * CHANNELS * sizeof(floatX), "the activation fch"}, // (L,B,T,4C)
+        {(void**)&model->acts.fch_gelu, (size_t)NUM_LAYERS * B * T * 4 * CHANNELS * sizeof(floatX), "the activation fch_gelu"}, // (L,B,T,4C)
+        {(void**)&model->acts.residual3, (size_t)NUM_LAYERS * B * T * CHANNELS * sizeof(floatX), "the activation residual3"}, // (L,B,T,C)
+        {(void**)&model->acts.lnf, (size_t)B * T * CHANNELS * sizeof(floatX), "the activation lnf"}, // (B,T,C)
+        {(void**)&model->acts.lnf_mean, (size_t)B * T * sizeof(float), "the activation lnf_mean"}, // (B,T)
+        {(void**)&model->acts.lnf_rstd, (size_t)B * T * sizeof(float), "the activation lnf_rstd"}, // (B,T)
+        {(void**)&model->acts.logits, (size_t)B * T * PADDED_VOCAB_SIZE * sizeof(floatX), "the activation logits"}, // (B,T,Vp)
+        {(void**)&model->acts.losses, (size_t)B * T * sizeof(float), "the activation losses"}, // (B,T)
+        {(void**)&model->dresidual, (size_t)B * T * CHANNELS * sizeof(floatX), "the backward pass"}, // (B,T,C)
+        {(void**)&model->dscratch, (size_t)B * T * CHANNELS * sizeof(floatX), "the backward pass"}, // (B,T,C)
+        {(void**)&model->dscratch4, (size_t)B * T * 4 * CHANNELS * sizeof(floatX), "the backward pass"}, // (B,T,4C)
+        {(void**)&model->att_delta, (size_t)B * NUM_HEADS * T * sizeof(float), "the backward pass"}, // (B,NH,T)
+        {(void**)&model->reduce_scratch, (size_t)reduce_chunks(B * T) * 4 * CHANNELS * sizeof(float), "the backward pass"}, // (chunks,4C)
+        {(void**)&model->norm_partial, NORM_BLOCKS * sizeof(double), "the gradient norm"}, // (NORM_BLOCKS)
+        {(void**)&model->inputs_gpu, (size_t)B * T * sizeof(int), "the inputs"}, // (B,T)
+        {(void**)&model->targets_gpu, (size_t)B * T * sizeof(int), "the targets"}, // (B,T)
+        {(void**)&model->buckets.tokens_gpu, PADDED_VOCAB_SIZE * sizeof(int), "token buckets"}, // (Vp)
+        {(void**)&model->buckets.starts_gpu, (PADDED_VOCAB_SIZE + 1) * sizeof(int), "token buckets"}, // (Vp+1)
+        {(void**)&model->buckets.positions_gpu, (size_t)B * T * sizeof(int), "token buckets"}, // (B,T)
+        {(void**)&cublaslt_workspace, CUBLASLT_WORKSPACE_SIZE, "cuBLASLt's workspace"}, // (32 MiB)
+    };
+    memcpy(buffers, list, sizeof(list));
+}
+
 // Take the GPU and allocate everything for batches of up to B x T tokens; the parameters
 // are left for gpt2_init_random or gpt2_load to fill.
 static void gpt2_alloc(GPT2* model, int B, int T) {
     memset(model, 0, sizeof(*model));
     gpu_init();
     cublaslt_init();
-    size_t BT = (size_t)B * T, C = CHANNELS;
-    model->params_memory = (floatX*)gpu_malloc(NUM_PARAMETERS * sizeof(floatX), "the parameters");
-    model->grads_memory = (float*)gpu_malloc(NUM_PARAMETERS * sizeof(float), "the gradients");
-    model->master_memory = (float*)gpu_malloc(NUM_PARAMETERS * sizeof(float), "the master weights");
-    model->m_memory = (float*)gpu_malloc(NUM_PARAMETERS * sizeof(float), "AdamW's m");
-    model->v_memory = (float*)gpu_malloc(NUM_PARAMETERS * sizeof(float), "AdamW's v");
+    DeviceBuffer buffers[NUM_DEVICE_BUFFERS];
+    device_buffers(buffers, model, B, T);
+    for (int i = 0; i < NUM_DEVICE_BUFFERS; i++) { *buffers[i].ptr = gpu_malloc(buffers[i].bytes, buffers[i].what); }
     cudaCheck(cudaMemset(model->grads_memory, 0, NUM_PARAMETERS * sizeof(float)));
     cudaCheck(cudaMemset(model->m_memory, 0, NUM_PARAMETERS * sizeof(float)));
     cudaCheck(cudaMemset(model->v_memory, 0, NUM_PARAMETERS * sizeof(float)));
     point_parameters(&model->params, model->params_memory);
     point_gradients(&model->grads, model->grads_memory);
 
-    size_t sizes[NUM_ACTIVATION_TENSORS], bytes[NUM_ACTIVATION_TENSORS];
-    void** ptrs[NUM_ACTIVATION_TENSORS];
-    activation_sizes(sizes, bytes, B, T);
-    activation_pointers(ptrs, &model->acts);
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { *ptrs[i] = gpu_malloc(sizes[i] * bytes[i], "the activations"); }
-
-    model->dresidual = (floatX*)gpu_malloc(BT * C * sizeof(floatX), "the backward pass");
-    model->dscratch = (floatX*)gpu_malloc(BT * C * sizeof(floatX), "the backward pass");
-    model->dscratch4 = (floatX*)gpu_malloc(BT * 4 * C * sizeof(floatX), "the backward pass");
-    model->att_delta = (float*)gpu_malloc(BT * NUM_HEADS * sizeof(float), "the backward pass");
-    model->reduce_scratch = (float*)gpu_malloc((size_t)reduce_chunks((int)BT) * 4 * C * sizeof(float), "the backward pass");
-    model->norm_partial = (double*)gpu_malloc(NORM_BLOCKS * sizeof(double), "the gradient norm");
-    model->inputs_gpu = (int*)gpu_malloc(BT * sizeof(int), "the inputs");
-    model->targets_gpu = (int*)gpu_malloc(BT * sizeof(int), "the targets");
+    size_t BT = (size_t)B * T;
     token_buckets_alloc(&model->buckets, (int)BT);
-
     model->inputs = (int*)calloc_check(BT, sizeof(int));
     model->losses = (float*)calloc_check(BT, sizeof(float));
     model->logits_row = (floatX*)malloc_check(PADDED_VOCAB_SIZE * sizeof(floatX));
@@ -1571,22 +1917,9 @@ static void gpt2_alloc(GPT2* model, int B, int T) {
 }
 
 static void gpt2_free(GPT2* model) {
-    cudaCheck(cudaFree(model->params_memory));
-    cudaCheck(cudaFree(model->grads_memory));
-    cudaCheck(cudaFree(model->master_memory));
-    cudaCheck(cudaFree(model->m_memory));
-    cudaCheck(cudaFree(model->v_memory));
-    void** ptrs[NUM_ACTIVATION_TENSORS];
-    activation_pointers(ptrs, &model->acts);
-    for (int i = 0; i < NUM_ACTIVATION_TENSORS; i++) { cudaCheck(cudaFree(*ptrs[i])); }
-    cudaCheck(cudaFree(model->dresidual));
-    cudaCheck(cudaFree(model->dscratch));
-    cudaCheck(cudaFree(model->dscratch4));
-    cudaCheck(cudaFree(model->att_delta));
-    cudaCheck(cudaFree(model->reduce_scratch));
-    cudaCheck(cudaFree(model->norm_partial));
-    cudaCheck(cudaFree(model->inputs_gpu));
-    cudaCheck(cudaFree(model->targets_gpu));
+    DeviceBuffer buffers[NUM_DEVICE_BUFFERS];
+    device_buffers(buffers, model, model->B, model->T);
+    for (int i = 0; i < NUM_DEVICE_BUFFERS; i++) { cudaCheck(cudaFree(*buffers[i].ptr)); }
     token_buckets_free(&model->buckets);
     free(model->inputs);
     free(model->losses);
@@ -1656,18 +1989,16 @@ static void gpt2_forward(GPT2* model, const int* inputs, const int* targets, int
         LayerParams lp = layer_params(&p, l);
         LayerActs la = layer_acts(&a, l, B, T);
         layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, residual, lp.ln1w, lp.ln1b, BT, C);
-        matmul_forward(la.qkv, NULL, la.ln1, lp.qkvw, lp.qkvb, BT, C, 3 * C);
+        matmul_forward(la.qkv, la.ln1, lp.qkvw, lp.qkvb, NULL, BT, C, 3 * C);
         attention_forward(la.atty, la.att_lse, la.qkv, B, T, NH);
-        matmul_forward(la.attproj, NULL, la.atty, lp.attprojw, lp.attprojb, BT, C, C);
-        residual_forward(la.residual2, residual, la.attproj, BT * C);
+        matmul_forward(la.residual2, la.atty, lp.attprojw, lp.attprojb, residual, BT, C, C);  // residual + attproj(atty)
         layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, lp.ln2w, lp.ln2b, BT, C);
-        matmul_forward(la.fch_gelu, la.fch, la.ln2, lp.fcw, lp.fcb, BT, C, 4 * C);  // fch_gelu = gelu(fch)
-        matmul_forward(la.fcproj, NULL, la.fch_gelu, lp.fcprojw, lp.fcprojb, BT, 4 * C, C);
-        residual_forward(la.residual3, la.residual2, la.fcproj, BT * C);
+        matmul_gelu_forward(la.fch_gelu, la.fch, la.ln2, lp.fcw, lp.fcb, BT, C, 4 * C);                // fch_gelu = gelu(fch)
+        matmul_forward(la.residual3, la.fch_gelu, lp.fcprojw, lp.fcprojb, la.residual2, BT, 4 * C, C); // residual2 + fcproj(fch_gelu)
         residual = la.residual3;
     }
     layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, p.lnfw, p.lnfb, BT, C);
-    matmul_forward(a.logits, NULL, a.lnf, p.wte, NULL, BT, C, PADDED_VOCAB_SIZE);  // tied classifier
+    matmul_forward(a.logits, a.lnf, p.wte, NULL, NULL, BT, C, PADDED_VOCAB_SIZE);  // tied classifier
 
     model->mean_loss = targets != NULL ? classifier_losses(model, targets, 1.0f, BT) : -1.0f;
 }
