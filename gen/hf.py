@@ -296,17 +296,20 @@ class TensorFiles:
                 raise LlmgenError(f"{index}: weight_map names the shard {file}, which is not in {index.parent}")
             shards[file] = SafeTensors(path)
         _check_shard_numbers(index, list(shards))
+        held: dict[str, list[str]] = {}  # tensor name -> the shards whose header has it
+        for file in sorted(shards):
+            for name in shards[file].entries:
+                held.setdefault(name, []).append(file)
+        for name, files in held.items():
+            if len(files) > 1:
+                raise LlmgenError(f"{index}: tensor {name} is in two shards, {files[0]} and {files[1]}")
         where: dict[str, SafeTensors] = {}
-        for file, st in shards.items():
-            for name in st.entries:
-                if name in where:
-                    raise LlmgenError(f"{index}: tensor {name} is in two shards, {where[name].path.name} and {file}")
-                if name not in weight_map:
-                    raise LlmgenError(f"{index}: shard {file} holds tensor {name}, which weight_map does not list")
-                if weight_map[name] != file:
-                    raise LlmgenError(f"{index}: weight_map puts tensor {name} in {weight_map[name]}, "
-                                      f"but it is in {file}")
-                where[name] = st
+        for name, (file,) in held.items():
+            if name not in weight_map:
+                raise LlmgenError(f"{index}: shard {file} holds tensor {name}, which weight_map does not list")
+            if weight_map[name] != file:
+                raise LlmgenError(f"{index}: weight_map puts tensor {name} in {weight_map[name]}, but it is in {file}")
+            where[name] = shards[file]
         for name, file in weight_map.items():
             if name not in where:
                 raise LlmgenError(f"{index}: weight_map puts tensor {name} in {file}, which does not hold it")
@@ -472,8 +475,8 @@ def _tied_head(files: TensorFiles, head: str, embed: str, params, V: int, config
     """A tied model's lm_head.weight, when a file holds it anyway, must be the embedding."""
     if files.shape(head) != files.shape(embed) or not np.array_equal(files.get(head), params["wte"][:V]):
         raise LlmgenError(f"{files.file(head)}: {head} differs from {embed}, but "
-                          f"{config_path or 'the model'} ties them (tie_word_embeddings true): an untied "
-                          "output layer needs tie_word_embeddings false in config.json")
+                          f"{config_path or 'a GPT-2 without config.json'} ties them (tie_word_embeddings true): "
+                          "which of the two is the output layer is ambiguous")
 
 
 def import_hf(source: str | Path, heads: int | None = None, padded_vocab_size: int | None = None,
@@ -642,7 +645,7 @@ def _llama_spec_raw(path: Path, config: dict, notes: list[str], heads: int | Non
     if config.get("use_sliding_window") or (config.get("sliding_window") is not None
                                             and config.get("use_sliding_window") is not False):
         key = "use_sliding_window" if config.get("use_sliding_window") else "sliding_window"
-        problems.append(f"{key} {_brief(config[key])} (the trainer's attention sees every earlier position)")
+        problems.append(f"{key} {json.dumps(config[key])} (the trainer's attention sees every earlier position)")
     for key in ("qk_norm", "use_qk_norm", "qk_layernorm"):
         if config.get(key):
             problems.append(f"{key} true (the trainer has no norm on q and k)")
