@@ -747,10 +747,11 @@ def _why_unexpected(full: str, m, spec: Spec, config_path: Path) -> str:
 def hf_tensors(spec: Spec, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The Hugging Face state dict of the spec's family (GPT2LMHeadModel's or
     LlamaForCausalLM's), without a tied lm_head.weight, padded vocab rows dropped."""
-    prefix = PREFIX if hf_family(spec) == "gpt2" else ""
+    gpt2 = hf_family(spec) == "gpt2"
     out = {}
     for name, n, ours, row, shape, transposed in _layout(spec):
         a = (params[ours] if n is None else params[ours][n])[row:row + shape[0]]
+        prefix = PREFIX if gpt2 and name != "lm_head.weight" else ""  # GPT2LMHeadModel's lm_head is outside
         out[prefix + name] = np.ascontiguousarray(a.T if transposed else a)
     return out
 
@@ -775,7 +776,7 @@ def gpt2_config(spec: Spec) -> dict:
         "embd_pdrop": 0.1,
         "attn_pdrop": 0.1,
         "scale_attn_weights": True,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": spec.tie_embeddings,
         "use_cache": True,
         "bos_token_id": eot,
         "eos_token_id": eot,
