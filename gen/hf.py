@@ -650,7 +650,7 @@ def _llama_spec_raw(path: Path, config: dict, notes: list[str], heads: int | Non
         if config.get(key):
             problems.append(f"{key} true (the trainer has no norm on q and k)")
     head_dim = config.get("head_dim")
-    if head_dim is not None and head_dim * NH != C:
+    if head_dim is not None and NH > 0 and head_dim * NH != C:  # (heads <= 0: from_dict refuses them)
         problems.append(f"head_dim {head_dim} (llmgen's head size is hidden_size / num_attention_heads = "
                         f"{C}/{NH}{f' = {C // NH}' if C % NH == 0 else ''})")
     if get("attention_bias") != get("mlp_bias"):
@@ -684,7 +684,8 @@ def _llama_spec_raw(path: Path, config: dict, notes: list[str], heads: int | Non
             "vocab_size": V, "padded_vocab_size": _config_padding(config, V, padded_vocab_size), "max_seq_len": maxT,
             "norm": Norm.RMSNORM.value, "norm_eps": get("rms_norm_eps"), "position": Position.ROPE.value,
             "rope_theta": theta, "mlp": Mlp.SWIGLU.value, "mlp_hidden": config["intermediate_size"],
-            "kv_heads": config.get("num_key_value_heads") or NH, "bias": get("attention_bias"),
+            "kv_heads": NH if config.get("num_key_value_heads") is None else config["num_key_value_heads"],
+            "bias": get("attention_bias"),
             "tie_embeddings": get("tie_word_embeddings")}
 
 

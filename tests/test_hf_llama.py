@@ -469,6 +469,8 @@ def imp(d, out, *args):
     ({"hidden_size": DROP}, "hidden_size missing"),
     ({"num_key_value_heads": 4}, "num_key_value_heads (spec field 'kv_heads'): 4 does not divide heads 6"),
     ({"vocab_size": 70000}, "tokens are stored as uint16"),
+    ({"num_attention_heads": 0}, "num_attention_heads (spec field 'heads'): must be positive, got 0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads (spec field 'kv_heads'): must be positive"),
     ({"num_hidden_layers": 3}, "missing tensor model.layers.2.input_layernorm.weight"),
     ({"intermediate_size": 40}, "tensor model.layers.0.mlp.gate_proj.weight has shape [37, 48], expected [40, 48]"),
     ({"tie_word_embeddings": False}, "missing tensor lm_head.weight (the output layer: tie_word_embeddings is false"),
