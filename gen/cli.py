@@ -426,50 +426,64 @@ def report(run_dirs, log_scale, out_dir):
 
 
 # ---- weights in and out -----------------------------------------------------------------
-@cli.command("import-hf", short_help="A Hugging Face GPT-2 (safetensors) to an llm.c checkpoint.")
+@cli.command("import-hf", short_help="A Hugging Face GPT-2 or Llama (safetensors) to an llm.c checkpoint.")
 @click.argument("source", metavar="DIR_OR_FILE", type=click.Path())
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(),
               help="the llm.c model checkpoint to write")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="checkpoint version 3 (fp32) or 5 (bf16, rounded to nearest even)")
+              help="checkpoint version 3 (fp32) or 5 (bf16, rounded to nearest even); 13 or 15 for a Llama")
 @click.option("--heads", type=POSITIVE, help="attention heads, when there is no config.json  [default: channels / 64]")
 @click.option("--padded-vocab-size", type=POSITIVE,
               help="pad the vocab to this  [default: as an llmgen export recorded it, else a multiple of 128]")
-def import_hf(source, out_path, dtype, heads, padded_vocab_size):
-    """A Hugging Face GPT-2 (model.safetensors in transformers' layout, with its config.json
-    when present) to an llm.c model checkpoint; prints the spec."""
-    from .fileio import DTYPE_VERSIONS, write_model
+@click.option("--max-seq-len", type=POSITIVE,
+              help="cap a Llama's context below its max_position_embeddings  [default: max_position_embeddings]")
+def import_hf(source, out_path, dtype, heads, padded_vocab_size, max_seq_len):
+    """A Hugging Face model to an llm.c model checkpoint; prints the spec. Reads transformers'
+    GPT2LMHeadModel (config.json when present) or LlamaForCausalLM (with its config.json), from
+    model.safetensors or the shards model.safetensors.index.json lists."""
+    from .fileio import MODEL_VERSIONS, model_version, write_model
     from .hf import import_hf as read_hf
     spec, params, notes = read_hf(source, heads=heads, padded_vocab_size=padded_vocab_size,
-                                  name=Path(out_path).stem)
-    version = DTYPE_VERSIONS[dtype]
+                                  name=Path(out_path).stem, max_seq_len=max_seq_len)
+    version = model_version(spec, dtype)
     write_model(out_path, spec, params, version)
     for note in notes:
         click.echo(note)
-    click.echo(f"wrote {out_path}: llm.c model checkpoint version {version} ({dtype}), "
+    click.echo(f"wrote {out_path}: llm.c model checkpoint version {version} ({MODEL_VERSIONS[version][0]}), "
                f"{num_params(spec):,} parameters, vocab {spec.vocab_size} padded to {spec.padded_vocab_size}")
+    if not spec.is_gpt2:
+        click.echo(f"blocks: {specs.describe_blocks(spec)}")
     click.echo(f"spec (a trainer for it: llmgen emit --spec-from {out_path}):")
     click.echo(spec.to_toml(), nl=False)
 
 
-@cli.command("export-hf", short_help="An llm.c checkpoint to Hugging Face's GPT-2 (safetensors).")
+@cli.command("export-hf", short_help="An llm.c checkpoint to Hugging Face's GPT-2 or Llama (safetensors).")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
               help="dir for model.safetensors and config.json")
 def export_hf(checkpoint, out_dir):
-    """An llm.c model checkpoint to model.safetensors and config.json that transformers'
-    GPT2LMHeadModel loads; the padded vocab rows are dropped."""
+    """An llm.c model checkpoint to model.safetensors and config.json that transformers loads:
+    GPT2LMHeadModel for GPT-2's blocks, LlamaForCausalLM for rmsnorm, rope and swiglu. The
+    padded vocab rows are dropped."""
     from .fileio import MODEL_VERSIONS, read_model
-    from .hf import export_hf as write_hf
+    from .hf import check_exportable, export_hf as write_hf
     spec, params, version = read_model(checkpoint, with_version=True)
-    padding = params["wte"][spec.vocab_size:]
-    model, config = write_hf(spec, params, out_dir)
+    check_exportable(spec, checkpoint)  # before anything is written
+    model, config, architecture = write_hf(spec, params, out_dir, source=checkpoint)
+    kv = f" ({spec.kv_head_count} kv heads)" if spec.kv_head_count != spec.n_head else ""
     click.echo(f"read {checkpoint}: version {version} ({MODEL_VERSIONS[version][0]}), {spec.n_layer} layers, "
-               f"{spec.n_head} heads, {spec.n_embd} channels, vocab {spec.vocab_size}, max_seq_len {spec.max_seq_len}")
-    if padding.size:
-        state = "all zero" if not padding.any() else "not zero: importing back gives zeros there"
-        click.echo(f"dropped the {padding.shape[0]} padded vocab rows of wte ({state}; the model never uses them)")
-    click.echo(f"wrote {model} (float32) and {config} (GPT2LMHeadModel)")
+               f"{spec.n_head} heads{kv}, {spec.n_embd} channels, vocab {spec.vocab_size}, "
+               f"max_seq_len {spec.max_seq_len}")
+    if not spec.is_gpt2:
+        click.echo(f"blocks: {specs.describe_blocks(spec)}")
+    padded = [name for name in ("wte", "lm_head") if name in params]
+    rows = spec.padded_vocab_size - spec.vocab_size
+    if rows:
+        nonzero = [name for name in padded if params[name][spec.vocab_size:].any()]
+        state = "all zero" if not nonzero else f"not zero in {' and '.join(nonzero)}: importing back gives zeros there"
+        click.echo(f"dropped the {rows} padded vocab rows of {' and '.join(padded)} ({state}; "
+                   "the model never uses them)")
+    click.echo(f"wrote {model} (float32) and {config} ({architecture})")
 
 
 def main():

@@ -348,12 +348,15 @@ def test_import_errors(tmp_path):
     fails(imp(case("missing", missing)), "missing tensor h.1.mlp.c_fc.bias (or transformer.h.1.mlp.c_fc.bias)")
     wrong = dict(t, **{"h.0.attn.c_attn.weight": t["h.0.attn.c_attn.weight"].T})  # stored (out, in)
     fails(imp(case("shape", wrong)), "tensor transformer.h.0.attn.c_attn.weight has shape [144, 48], expected [48, 144]")
-    fails(imp(case("llama", cfg=dict(config, model_type="llama", architectures=["LlamaForCausalLM"]))),
-          "model_type 'llama' with architectures ['LlamaForCausalLM'] is not GPT-2")
+    fails(imp(case("mistral", cfg=dict(config, model_type="mistral", architectures=["MistralForCausalLM"]))),
+          "model_type 'mistral' with architectures ['MistralForCausalLM'] is neither GPT-2 nor Llama")
+    fails(imp(case("gpt2-arch", cfg=dict(config, architectures=["LlamaForCausalLM"]))),
+          "model_type 'gpt2' with architectures ['LlamaForCausalLM'] is not GPT-2")
     fails(imp(case("gelu", cfg=dict(config, activation_function="relu"))), "activation_function 'relu'")
     fails(imp(case("layers", cfg=dict(config, n_layer=3))), "n_layer is 3, but the tensors")
     fails(imp(case("extra", extra={"score.weight": np.zeros((2, C), np.float32)})), "unexpected tensor score.weight")
-    fails(imp(case("untied", extra={"lm_head.weight": t["wte.weight"] + 1})), "untied output layer is not supported")
+    fails(imp(case("untied", extra={"lm_head.weight": t["wte.weight"] + 1})),
+          "lm_head.weight differs from transformer.wte.weight, but")
     d = case("truncated")
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[:-100])
@@ -367,7 +370,7 @@ def test_import_errors(tmp_path):
     fails(imp(d), "config.json: not valid JSON")
     fails(imp(tmp_path / "nowhere"), "no such file or dir")
     (tmp_path / "empty").mkdir()
-    fails(imp(tmp_path / "empty"), "no model.safetensors in this dir")
+    fails(imp(tmp_path / "empty"), "no model.safetensors in this dir, nor a model.safetensors.index.json")
     fails(imp(case("noconfig", cfg=None), "--heads", 5), "'channels': 48 is not divisible by heads 5")
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
