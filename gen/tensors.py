@@ -86,8 +86,8 @@ def hf_family(spec) -> str | None:
     """The Hugging Face architecture whose layout holds the spec's tensors: "gpt2"
     (GPT2LMHeadModel) for GPT-2's blocks, "llama" (LlamaForCausalLM) for RMSNorm, rotary
     positions and SwiGLU, or None when neither does."""
-    if spec.is_gpt2:
-        return "gpt2"
+    if spec.is_gpt2 or spec.arch() == {"tie_embeddings": False}:
+        return "gpt2"  # (GPT2LMHeadModel with tie_word_embeddings false holds an untied classifier)
     if spec.norm is Norm.RMSNORM and spec.position is Position.ROPE and spec.mlp is Mlp.SWIGLU:
         return "llama"
     return None
@@ -152,7 +152,7 @@ def parameters(spec) -> tuple[Param, ...]:
         out.append(P("lnfb", ("C",), f"final {norm} shift", Init.ZEROS, hf=hf("ln_f.bias")))
     if not tied:
         out.append(P("lm_head", ("Vp", "C"), "output classifier (untied)", Init.NORMAL, decay=True, matmul=True,
-                     hf=hf("", "lm_head.weight")))
+                     hf=("lm_head.weight",) if gpt2 or llama else ()))
     return tuple(out)
 
 
