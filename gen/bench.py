@@ -238,5 +238,78 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+SAMPLE_PROMPT, SAMPLE_TOKENS = 16, 256  # bench --sample: new tokens after a prompt, at batch 1
+
+
+def bench_sample(spec: Spec, threads: int, build_dir: str | Path | None = None, compare_torch: bool = False,
+                 rounds: int = 1, tokens: int = SAMPLE_TOKENS, prompt: int = SAMPLE_PROMPT) -> dict:
+    """Generation speed at batch 1: `tokens` new tokens after a `prompt`-token prompt from a
+    random-init model (the speed does not depend on the weights), tokens/s as the trainer
+    prints it; against the memory-bandwidth bound (each new token reads every weight once:
+    tokens/s <= bandwidth / (4 bytes x parameters)), the bandwidth measured in the same run;
+    with compare_torch, against a PyTorch KV-cache loop on the same threads, in turn."""
+    from .fileio import write_model
+    from .reference import init_params
+    from .tensors import num_params
+    if compare_torch and not torch_available():
+        raise LlmgenError(TORCH_HINT)
+    if not 1 <= prompt + tokens:
+        raise LlmgenError("--sample needs at least one token")
+    build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
+    emit(spec, build_dir)
+    exe = make(build_dir, "train_gpt2")
+    ref_exe = make(build_dir, "bench_gpt2")
+    bandwidth = float(_reference(ref_exe, ["bandwidth", "1000"], threads)[0])
+    n = num_params(spec)
+    bound = bandwidth * 1e9 / (4 * n)
+    ids = ",".join(str(spec.vocab_size - 1 - i) for i in range(prompt))
+    ours, theirs = [], []
+    with tempfile.TemporaryDirectory(prefix="llmgen-bench-") as tmp:
+        ckpt = Path(tmp) / "model.bin"
+        write_model(ckpt, spec, init_params(spec, seed=0))
+        args = [str(exe.resolve()), "-e", str(ckpt), "-x", "0", "-v", "0", "-b", "1", "-t", str(spec.max_seq_len),
+                "-g", str(tokens), "-P", ids, "-R", "1", "-T", str(Path(tmp) / "none"), "-S", "1"]
+        env_args = args[:-4] + args[-2:]  # without -T: token ids
+        for _ in range(rounds):
+            _, _, _ = None, None, None
+            result = subprocess.run(env_args, capture_output=True, text=True, cwd=tmp,
+                                    env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            if result.returncode != 0:
+                raise LlmgenError(f"{exe} -x 0 failed:\n{result.stderr}")
+            line = next(x for x in result.stderr.splitlines() if x.startswith("generated "))
+            ours.append(float(line.split(": ")[1].split()[0]))
+            if compare_torch:
+                args_t = [sys.executable, "-m", "llmgen.bench_torch", "sample", *map(str, (
+                    spec.n_layer, spec.n_head, spec.n_embd, spec.padded_vocab_size, spec.max_seq_len, threads,
+                    prompt, tokens))]
+                out, _, _ = _run(args_t, Path(tmp), threads, "the PyTorch generation (llmgen.bench_torch sample)")
+                theirs.append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
+    r = {"spec": spec.name, "threads": threads, "prompt": prompt, "tokens": tokens, "rounds": rounds,
+         "tokens_per_s": _stats(ours), "bandwidth_gbs": bandwidth, "parameters": n, "bound_tokens_per_s": bound,
+         "cpu": _cpu_name(), "cpus": os.cpu_count()}
+    if compare_torch:
+        r["torch_tokens_per_s"] = _stats(theirs)
+    return r
+
+
+def format_sample_report(r: dict) -> str:
+    t = r["tokens_per_s"]
+    lines = [
+        f"llmgen bench --sample {r['spec']}: {r['tokens']} new tokens after {r['prompt']}, batch 1, "
+        f"{r['threads']} threads, {r['rounds']} round{'s' if r['rounds'] != 1 else ''}",
+        f"machine:   {r['cpus']} CPUs ({r['cpu']})",
+        f"tokens/s:  median {t['median']:,.1f} (min {t['min']:,.1f}, max {t['max']:,.1f})",
+        f"bandwidth: {r['bandwidth_gbs']:,.1f} GB/s read (bench_gpt2 bandwidth: a 1 GB buffer summed)",
+        f"bound:     {r['bound_tokens_per_s']:,.1f} tokens/s = bandwidth / (4 bytes x {r['parameters']:,} parameters); "
+        f"{t['median'] / r['bound_tokens_per_s']:.2f} of it (target within 2x: "
+        f"{_met(t['median'] >= r['bound_tokens_per_s'] / 2)})",
+    ]
+    if "torch_tokens_per_s" in r:
+        tt = r["torch_tokens_per_s"]["median"]
+        lines.append(f"torch:     a PyTorch KV-cache loop, same threads: {tt:,.1f} tokens/s; llmgen {t['median'] / tt:.2f}x "
+                     f"(target at least 1x: {_met(t['median'] >= tt)})")
+    return "\n".join(lines)
+
+
 def write_json(path: str | Path, result: dict) -> None:
     write_atomic(Path(path), [(json.dumps(result, indent=2) + "\n").encode()])

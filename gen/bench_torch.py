@@ -7,8 +7,11 @@ a classifier tied to the token embedding over the padded vocabulary, trained wit
 (betas 0.9, 0.95, eps 1e-8) and gradient clipping at 1.0, as the emitted trainer is.
 
 Run as `python -m llmgen.bench_torch L NH C Vp maxT B T threads steps`; it prints one JSON
-line: {"step_ms": [...], "torch": version, "peak_rss_bytes": ...}. Needs torch (the optional
-extra `bench`: pip install "llmgen[bench]").
+line: {"step_ms": [...], "torch": version, "peak_rss_bytes": ...}. With `sample` first
+(`python -m llmgen.bench_torch sample L NH C Vp maxT threads prompt new`) it generates instead,
+a KV-cache loop as PyTorch users write one (torch.no_grad, the keys and values of every layer
+in preallocated buffers, one position a step), and prints {"tokens_per_s": ..., "seconds": ...}.
+Needs torch (the optional extra `bench`: pip install "llmgen[bench]").
 """
 
 from __future__ import annotations
@@ -54,7 +57,45 @@ def _model(torch, L, NH, C, Vp, maxT):
     return GPT()
 
 
+def generate(argv: list[str]) -> None:
+    """Random weights (the speed does not depend on them), temperature-1 sampling."""
+    import torch
+    F = torch.nn.functional
+    L, NH, C, Vp, maxT, threads, prompt, new = (int(a) for a in argv)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = _model(torch, L, NH, C, Vp, maxT).eval()
+    HS = C // NH
+    keys = torch.zeros(L, 1, NH, prompt + new, HS)
+    values = torch.zeros(L, 1, NH, prompt + new, HS)
+
+    def step(idx, pos):  # idx (1, n) at positions pos .. pos + n - 1: the last row's logits
+        n = idx.shape[1]
+        x = model.wte(idx) + model.wpe(torch.arange(pos, pos + n))
+        for l, block in enumerate(model.h):
+            q, k, v = block.c_attn(block.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(1, n, NH, HS).transpose(1, 2) for t in (q, k, v))
+            keys[l, :, :, pos:pos + n], values[l, :, :, pos:pos + n] = k, v
+            y = F.scaled_dot_product_attention(q, keys[l, :, :, :pos + n], values[l, :, :, :pos + n],
+                                               is_causal=n > 1)
+            x = x + block.c_proj(y.transpose(1, 2).contiguous().view(1, n, C))
+            x = x + block.c_fcproj(F.gelu(block.c_fc(block.ln_2(x)), approximate="tanh"))
+        return model.ln_f(x[:, -1]) @ model.wte.weight.T
+
+    with torch.no_grad():
+        idx = torch.randint(0, Vp, (1, prompt))
+        logits = step(idx, 0)  # the prompt, once
+        t0 = time.perf_counter()
+        for pos in range(prompt, prompt + new):
+            token = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+            logits = step(token, pos)
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"tokens_per_s": new / seconds, "seconds": seconds, "torch": torch.__version__}))
+
+
 def main(argv: list[str]) -> None:
+    if argv and argv[0] == "sample":
+        return generate(argv[1:])
     import torch
     L, NH, C, Vp, maxT, B, T, threads, steps = (int(a) for a in argv)
     torch.set_num_threads(threads)

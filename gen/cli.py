@@ -194,11 +194,14 @@ def train(spec, inputs, steps, out_dir, batch, seq_len, lr, warmup, val_every, s
 @click.option("--build-dir", type=click.Path(file_okay=False),
               help="where to build the sampler  [default: build/sampler-SIZES]")
 @click.option("--threads", type=POSITIVE, help="OpenMP threads  [default: all cores]")
-def sample(checkpoint, prompt, tokens, temperature, top_k, seed, build_dir, threads):
-    """Continue a prompt with a trained checkpoint, printing the text as it comes."""
+@click.option("--batch", type=POSITIVE, default=1, show_default=True,
+              help="independent samples drawn together, sharing the prompt's cache")
+def sample(checkpoint, prompt, tokens, temperature, top_k, seed, build_dir, threads, batch):
+    """Continue a prompt with a trained checkpoint, printing the text as it comes (with --batch,
+    the other samples follow the first, each after a line ---), then the speed on stderr."""
     from .run import sample as run_sample
     run_sample(checkpoint, prompt, tokens, temperature=temperature, top_k=top_k, seed=seed,
-               build_dir=build_dir, threads=threads)
+               build_dir=build_dir, threads=threads, batch=batch)
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -388,11 +391,26 @@ def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target,
                    'and print the ratio (needs torch: pip install "llmgen[bench]")')
 @click.option("--rounds", type=POSITIVE, default=1, show_default=True,
               help="runs of the trainer (and of torch, in turn) whose steps are pooled")
-def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir, compare_torch, rounds):
+@click.option("--sample", "sample_mode", is_flag=True,
+              help="time generation instead: 256 new tokens after a 16-token prompt at batch 1, against the "
+                   "memory-bandwidth bound (and a PyTorch KV-cache loop with --compare-torch)")
+def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir, compare_torch, rounds, sample_mode):
     """Time the emitted trainer (production build) against this machine's FMA peak and, with
     --compare-torch, against PyTorch eager; print the figures and whether the targets are met."""
     from .bench import TORCH_HINT, bench as run_bench, format_report, torch_available, write_json
     build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
+    if sample_mode:
+        from .bench import bench_sample, format_sample_report
+        result = bench_sample(spec, threads=threads or os.cpu_count(), build_dir=build_dir,
+                              compare_torch=compare_torch, rounds=rounds)
+        json_path = Path(json_path or build_dir / "bench-sample.json")
+        write_json(json_path, result)
+        click.echo(format_sample_report(result))
+        if not compare_torch:
+            click.echo("torch:     " + ("add --compare-torch to time a PyTorch KV-cache loop beside it"
+                                        if torch_available() else TORCH_HINT))
+        click.echo(f"wrote {json_path}")
+        return
     result = run_bench(spec, B=batch, T=seq_len or min(spec.max_seq_len, 64), threads=threads or os.cpu_count(),
                        steps=steps, warmup=warmup, build_dir=build_dir, compare_torch=compare_torch, rounds=rounds)
     json_path = Path(json_path or build_dir / "bench.json")

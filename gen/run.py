@@ -8,6 +8,7 @@ tokenizer file.
 from __future__ import annotations
 
 import os
+import sys
 import subprocess
 import time
 from dataclasses import dataclass
@@ -46,12 +47,14 @@ def _env(threads: int | None) -> dict[str, str]:
 
 
 def sample(checkpoint: str | Path, prompt: str, tokens: int, *, temperature: float, top_k: int, seed: int,
-           build_dir: str | Path | None = None, threads: int | None = None) -> None:
-    """Print the prompt and `tokens` sampled tokens after it, as they come."""
+           build_dir: str | Path | None = None, threads: int | None = None, batch: int = 1) -> None:
+    """Print the prompt and `tokens` sampled tokens after it, as they come, for each of `batch`
+    samples (drawn together, the prompt run once; the first streams, the others follow it,
+    each after a line ---); then the speed on stderr."""
     spec, _ = read_model_spec(checkpoint)
     _need_gpt2_vocab(spec, str(checkpoint))
-    if tokens < 0 or temperature < 0 or top_k < 0:
-        raise LlmgenError("-n, --temperature and --top-k must not be negative")
+    if tokens < 0 or temperature < 0 or top_k < 0 or batch < 1:
+        raise LlmgenError("-n, --temperature and --top-k must not be negative, --batch at least 1")
     # the trainer depends only on the sizes: one build per size, shared by checkpoints
     sizes = f"{spec.n_layer}l-{spec.n_head}h-{spec.n_embd}c-{spec.vocab_size}v-{spec.max_seq_len}t"
     out = Path(build_dir or Path("build") / f"sampler-{sizes}")
@@ -62,11 +65,14 @@ def sample(checkpoint: str | Path, prompt: str, tokens: int, *, temperature: flo
     ids = [EOT_TOKEN] + gpt2().encode_ordinary(prompt)
     cmd = [str(exe.resolve()), "-e", str(checkpoint), "-x", "0", "-v", "0", "-b", "1", "-t", str(spec.max_seq_len),
            "-g", str(tokens), "-T", str(tokenizer), "-P", ",".join(map(str, ids)), "-K", str(top_k),
-           "-R", str(temperature), "-S", str(seed)]
+           "-R", str(temperature), "-S", str(seed), "-N", str(batch)]
     # the text streams straight to our stdout; the trainer's notes go to stderr, kept for errors
     result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, env=_env(threads))
     if result.returncode != 0:
         raise LlmgenError(f"sampling failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+    speed = [line for line in result.stderr.splitlines() if line.startswith("generated ")]
+    if speed:
+        print(speed[-1], file=sys.stderr)
 
 
 @dataclass
