@@ -7,6 +7,7 @@ template aligns anything by hand.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -50,15 +51,30 @@ def _env() -> jinja2.Environment:
     return env
 
 
+# A spec's source ends in the overrides applied to it (" with layers=3,heads=2"), if any.
+_OVERRIDES = re.compile(r"( with [a-z_]+=-?[0-9]+(,[a-z_]+=-?[0-9]+)*)*$")
+# File names printed as they are in an emitted header; any other is quoted and escaped.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._+=,@%-]+")
+
+
+def _file_name(name: str) -> str:
+    """A file name for an emitted file's first comment, which is C and Makefile code: a plain
+    name as it is, any other (a newline would end the comment, a backslash continue it) as
+    Python's ascii() writes it, quoted, with every character past printable ASCII escaped."""
+    return name if _PLAIN_NAME.fullmatch(name) else ascii(name)
+
+
 def origin(spec: Spec) -> str:
-    """Where the spec came from, for the generated-file header: no absolute paths."""
+    """Where the spec came from, for the generated-file header: no absolute paths, only the
+    file's name, escaped (_file_name); a preset name and overrides are plain already."""
     source = spec.source
-    if source.startswith("preset "):
-        return source
-    if source.startswith("checkpoint "):
-        return f"checkpoint {Path(source.removeprefix('checkpoint ')).name}"
-    head, sep, rest = source.partition(" with ")
-    return f"spec file {Path(head).name}{sep}{rest}"
+    head = source[:_OVERRIDES.search(source).start()]
+    overrides = source[len(head):]
+    if head.startswith("preset "):
+        return f"preset {_file_name(head.removeprefix('preset '))}{overrides}"
+    if head.startswith("checkpoint "):
+        return f"checkpoint {_file_name(Path(head.removeprefix('checkpoint ')).name)}{overrides}"
+    return f"spec file {_file_name(Path(head).name)}{overrides}"
 
 
 def c_float(x: float) -> str:
