@@ -28,6 +28,8 @@ C_DIMS = {"B": "B", "T": "T", "L": "NUM_LAYERS", "NH": "NUM_HEADS", "C": "CHANNE
 
 # The layer templates under templates/layers/, in the order they appear in the file.
 LAYERS = ("encoder", "layernorm", "matmul", "attention", "gelu", "residual", "classifier")
+# The libFuzzer targets that `make fuzz` builds from test_gpt2.c, one per reader (see fuzz.c.j2).
+FUZZERS = ("fuzz_model", "fuzz_state", "fuzz_shard", "fuzz_tokenizer")
 # The CUDA kernel templates under templates/cuda/layers/, in file order.
 CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "matmul", "attention", "residual",
                "classifier", "adamw", "norm")
@@ -239,13 +241,13 @@ def render(spec: Spec, target: Target | str = Target.C, precision: Precision | s
         cctx = cuda_context(spec, precision, matmul)
         files.update((name, _render(env, "cuda/" + name, cctx)) for name in ("train_gpt2.cu", "test_gpt2.cu"))
         make_parts.append(("make/cuda.mk", cctx))
-    programs = {"make/c.mk": ["train_gpt2", "test_gpt2", "bench_gpt2"], "make/cuda.mk": ["train_gpt2cu", "test_gpt2cu"]}
+    programs = {"make/c.mk": ["train_gpt2", "test_gpt2", "bench_gpt2", *FUZZERS], "make/cuda.mk": ["train_gpt2cu", "test_gpt2cu"]}
     parts = [env.get_template(name + ".j2").render(ctx) for name, ctx in make_parts]
     files["Makefile"] = format_make(env.get_template("Makefile.j2").render(
         version=__version__, origin=origin(spec), parts=parts,
         default=[programs[name][0] for name, _ in make_parts],
         programs=[p for name, _ in make_parts for p in programs[name]],
-        phony=["all", "clean"] + (["nvcc-check", "cuda-info"] if target.cuda else [])))
+        phony=["all", "clean"] + (["fuzz"] if target.c else []) + (["nvcc-check", "cuda-info"] if target.cuda else [])))
     return files
 
 
