@@ -444,7 +444,7 @@ def report(run_dirs, log_scale, out_dir):
 
 
 # ---- weights in and out -----------------------------------------------------------------
-@cli.command("import-hf", short_help="A Hugging Face GPT-2 or Llama (safetensors) to an llm.c checkpoint.")
+@cli.command("import-hf", short_help="A Hugging Face GPT-2 or Llama to an llm.c checkpoint.")
 @click.argument("source", metavar="DIR_OR_FILE", type=click.Path())
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(),
               help="the llm.c model checkpoint to write")
@@ -475,7 +475,7 @@ def import_hf(source, out_path, dtype, heads, padded_vocab_size, max_seq_len):
     click.echo(spec.to_toml(), nl=False)
 
 
-@cli.command("export-hf", short_help="An llm.c checkpoint to Hugging Face's GPT-2 or Llama (safetensors).")
+@cli.command("export-hf", short_help="An llm.c checkpoint to a Hugging Face GPT-2 or Llama.")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
               help="dir for model.safetensors and config.json")

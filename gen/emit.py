@@ -35,6 +35,8 @@ def layers(spec: Spec) -> tuple[str, ...]:
     """The layer templates under templates/layers/ that the spec uses, in file order."""
     return ("encoder", spec.norm.value, *(("rope",) if spec.position is Position.ROPE else ()), "matmul",
             "attention", spec.mlp.value, "residual", "classifier")
+# The libFuzzer targets that `make fuzz` builds from test_gpt2.c, one per reader (see fuzz.c.j2).
+FUZZERS = ("fuzz_model", "fuzz_state", "fuzz_shard", "fuzz_tokenizer")
 # The CUDA kernel templates under templates/cuda/layers/, in file order.
 CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "residual", "matmul", "attention",
                "classifier", "adamw", "norm")
@@ -58,15 +60,30 @@ def _env() -> jinja2.Environment:
     return env
 
 
+# A spec's source ends in the overrides applied to it (" with layers=3,heads=2"), if any.
+_OVERRIDES = re.compile(r"( with [a-z_]+=-?[0-9]+(,[a-z_]+=-?[0-9]+)*)*$")
+# File names printed as they are in an emitted header; any other is quoted and escaped.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._+=,@%-]+")
+
+
+def _file_name(name: str) -> str:
+    """A file name for an emitted file's first comment, which is C and Makefile code: a plain
+    name as it is, any other (a newline would end the comment, a backslash continue it) as
+    Python's ascii() writes it, quoted, with every character past printable ASCII escaped."""
+    return name if _PLAIN_NAME.fullmatch(name) else ascii(name)
+
+
 def origin(spec: Spec) -> str:
-    """Where the spec came from, for the generated-file header: no absolute paths."""
+    """Where the spec came from, for the generated-file header: no absolute paths, only the
+    file's name, escaped (_file_name); a preset name and overrides are plain already."""
     source = spec.source
-    if source.startswith("preset "):
-        return source
-    if source.startswith("checkpoint "):
-        return f"checkpoint {Path(source.removeprefix('checkpoint ')).name}"
-    head, sep, rest = source.partition(" with ")
-    return f"spec file {Path(head).name}{sep}{rest}"
+    head = source[:_OVERRIDES.search(source).start()]
+    overrides = source[len(head):]
+    if head.startswith("preset "):
+        return f"preset {_file_name(head.removeprefix('preset '))}{overrides}"
+    if head.startswith("checkpoint "):
+        return f"checkpoint {_file_name(Path(head.removeprefix('checkpoint ')).name)}{overrides}"
+    return f"spec file {_file_name(Path(head).name)}{overrides}"
 
 
 def c_float(x: float) -> str:
@@ -522,13 +539,13 @@ def render(spec: Spec, target: Target | str = Target.C, precision: Precision | s
         cctx = cuda_context(spec, precision, matmul)
         files.update((name, _render(env, "cuda/" + name, cctx)) for name in ("train_gpt2.cu", "test_gpt2.cu"))
         make_parts.append(("make/cuda.mk", cctx))
-    programs = {"make/c.mk": ["train_gpt2", "test_gpt2", "bench_gpt2"], "make/cuda.mk": ["train_gpt2cu", "test_gpt2cu"]}
+    programs = {"make/c.mk": ["train_gpt2", "test_gpt2", "bench_gpt2", *FUZZERS], "make/cuda.mk": ["train_gpt2cu", "test_gpt2cu"]}
     parts = [env.get_template(name + ".j2").render(ctx) for name, ctx in make_parts]
     files["Makefile"] = format_make(env.get_template("Makefile.j2").render(
         version=__version__, origin=origin(spec), parts=parts,
         default=[programs[name][0] for name, _ in make_parts],
         programs=[p for name, _ in make_parts for p in programs[name]],
-        phony=["all", "clean"] + (["nvcc-check", "cuda-info"] if target.cuda else [])))
+        phony=["all", "clean"] + (["fuzz"] if target.c else []) + (["nvcc-check", "cuda-info"] if target.cuda else [])))
     return files
 
 

@@ -128,7 +128,7 @@ def test_bad_sampling_input(tiny_trainer, ckpt, tmp_path):
         (["-x", 0], "-x 0 samples a trained model: give its checkpoint with -e"),
         (base + ["-P", "1,x"], "-P: expected token ids separated by commas, got '1,x'"),
         (base + ["-P", "64"], "-P: token 64 is not in the vocab [0, 64)"),
-        (base + ["-K", "-1"], "-K and -R must not be negative"),
+        (base + ["-K", "-1"], "-K: expected an integer from 0 to 2147483647, got '-1'"),
         (base + ["-T", write_tokenizer(tmp_path / "big.bin", TOKENS * 2)], "the tokenizer has 128 tokens, this model's vocab is 64"),
         (base + ["-T", write_tokenizer(tmp_path / "magic.bin", TOKENS, magic=7)], "not an llm.c tokenizer file (magic 7"),
         (base + ["-T", write_tokenizer(tmp_path / "short.bin", TOKENS[:10], vocab=64)], "short.bin: truncated tokenizer file"),

@@ -43,7 +43,7 @@ def test_help_and_bad_flags(tiny_trainer):
     for flag in "-i -j -e -o -b -t -d -l -u -q -c -x -v -m -s -g -n -y -a -G -S -T -P -K -R -h".split():
         assert f"  {flag} " in result.stdout
     for args, message in [(["-b", "x"], "-b: expected an integer"), (["-Z", "1"], "unknown flag -Z"),
-                          (["-b"], "-b needs a value"), (["-b", "0"], "batch size must be positive")]:
+                          (["-b"], "-b needs a value"), (["-b", "0"], "-b: expected an integer from 1 to 2147483647, got '0'")]:
         bad = run_trainer(tiny_trainer, *args, check=False)
         assert bad.returncode != 0 and message in bad.stderr
 

@@ -9,6 +9,98 @@
 #define TESTING
 #include "train_gpt2.c"
 
+#ifdef FUZZ
+// Fuzz targets. Built by `make fuzz` with -DFUZZ=fuzz_model (or fuzz_state, fuzz_shard,
+// fuzz_tokenizer) and clang's -fsanitize=fuzzer,address,undefined, this file is a libFuzzer
+// target for one of the trainer's readers instead of the harness below: each input is
+// written to a file and read as the trainer reads a model checkpoint, a state file (then
+// resumed from, against a shard of 64 tokens), a token shard (then read batch by batch), or a
+// tokenizer file (then every token written out). Bad input must end in die() with a message
+// of one line, which jumps back here; anything else the sanitizers or libFuzzer catch is a bug.
+// Run one with, e.g.:  ./fuzz_state -max_total_time=60 corpus/   (corpus/: seed files)
+#include <setjmp.h>
+
+static jmp_buf fuzz_jump;
+static char fuzz_path[4096];       // the input, as a file: the readers take paths
+static float* fuzzed_values;       // (NUM_PARAMETERS) fuzz_model's parameters
+static GPT2 fuzzed_model;          // fuzz_state's m and v
+static DataLoader fuzzed_run;      // fuzz_state's run: one shard of 64 tokens, B=1, T=1
+static DataLoader fuzzed_loader;   // fuzz_shard's
+static Tokenizer fuzzed_tokenizer; // fuzz_tokenizer's
+
+// die() while fuzzing: its message must be one line; then back to LLVMFuzzerTestOneInput.
+static void fuzz_die(const char* message) {
+    if (message[0] == '\0' || strchr(message, '\n') != NULL) {
+        fprintf(stderr, "die() with a message not of one line: '%s'\n", message);
+        abort();
+    }
+    longjmp(fuzz_jump, 1);
+}
+
+// Write a file for a reader; failing here is the fuzzer's own trouble, not a finding.
+static void fuzz_write(const char* path, const void* data, size_t size) {
+    FILE* f = fopen(path, "wb");
+    if (f == NULL || fwrite(data, 1, size, f) != size || fclose(f) != 0) {
+        fprintf(stderr, "%s: cannot write the fuzz input (%s)\n", path, strerror(errno));
+        abort();
+    }
+}
+
+static void fuzz_model(void) {
+    if (fuzzed_values == NULL) { fuzzed_values = (float*)malloc_check(NUM_PARAMETERS * sizeof(float)); }
+    read_model_file(fuzzed_values, fuzz_path);
+}
+
+static void fuzz_state(void) {
+    if (fuzzed_run.shard_tokens == NULL) {
+        gpt2_alloc(&fuzzed_model, 1, 1);
+        char path[4200];
+        format_path(path, sizeof(path), "%s.shard", fuzz_path);
+        int shard[256 + 32] = {SHARD_MAGIC, SHARD_VERSION, 64};  // then 64 tokens of 0
+        fuzz_write(path, shard, sizeof(shard));
+        dataloader_init(&fuzzed_run, path, 1, 1);
+    }
+    TrainState s;
+    load_state(&fuzzed_model, &s, fuzz_path);
+    dataloader_resume(&fuzzed_run, &s, fuzz_path);
+    dataloader_next_batch(&fuzzed_run);
+}
+
+static void fuzz_shard(void) {
+    dataloader_init(&fuzzed_loader, fuzz_path, 2, 4);
+    for (size_t i = 0; i < fuzzed_loader.num_batches && i < 64; i++) { dataloader_next_batch(&fuzzed_loader); }
+}
+
+static void fuzz_tokenizer(void) {
+    tokenizer_init(&fuzzed_tokenizer, fuzz_path, 1);
+    FILE* null = fopen_check("/dev/null", "wb", "/dev/null");
+    Utf8Writer w = {null, {0}, 0, 0};
+    for (int i = 0; i < VOCAB_SIZE; i++) { utf8_write_token(&w, &fuzzed_tokenizer, i); }
+    utf8_finish(&w);
+    fclose(null);
+}
+
+int LLVMFuzzerInitialize(int* argc, char*** argv) {
+    (void)argc;
+    (void)argv;
+    const char* dir = getenv("TMPDIR") != NULL ? getenv("TMPDIR") : "/tmp";
+    format_path(fuzz_path, sizeof(fuzz_path), "%s/llmgen_fuzz_%d.bin", dir, (int)getpid());
+    die_hook = fuzz_die;
+    return 0;
+}
+
+// One input: written to fuzz_path, read by the target FUZZ; then whatever the read holds (all
+// of it, had die() cut it short) is freed.
+int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+    fuzz_write(fuzz_path, data, size);
+    if (setjmp(fuzz_jump) == 0) { FUZZ(); }
+    dataloader_free(&fuzzed_loader);
+    memset(&fuzzed_loader, 0, sizeof(fuzzed_loader));
+    tokenizer_free(&fuzzed_tokenizer);
+    memset(&fuzzed_tokenizer, 0, sizeof(fuzzed_tokenizer));
+    return 0;
+}
+#else
 // Generation, for the tests: `generate model.bin cached window n id...` prints the n tokens that
 // greedy sampling (temperature 0) continues the prompt ids with, through gpt2_generate and its
 // cache (cached 1) or running the whole window for every token (cached 0);
@@ -126,3 +218,4 @@ int main(int argc, char** argv) {
     gpt2_free(&model);
     return 0;
 }
+#endif

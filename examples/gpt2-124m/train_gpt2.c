@@ -30,6 +30,10 @@
 #include <omp.h>
 #endif
 
+#include <dirent.h>  // the utilities': listing the output dir, opening files, the int limits
+#include <fcntl.h>
+#include <limits.h>
+
 // ----------------------------------------------------------------------------
 // Model sizes, fixed when this file was generated
 // ----------------------------------------------------------------------------
@@ -47,15 +51,43 @@
 // Utilities: errors, checked I/O and allocation, timing
 // ----------------------------------------------------------------------------
 
-// Print one message naming what went wrong, and exit non-zero.
-static void die(const char* fmt, ...) {
+// The temporary file being written (see open_temporary), if any: die() removes it, so that a
+// failed write leaves nothing half-written behind.
+static char temporary_path[4096];
+
+#ifdef TESTING
+// A test harness may catch die(): die_hook gets the message and does not return (a fuzzer
+// jumps back to its loop). Unset, as in the trainer, die() prints and exits.
+static void (*die_hook)(const char* message) = NULL;
+#endif
+
+// Print one message naming what went wrong (and remove the temporary file being written, if
+// any), and exit non-zero.
+__attribute__((format(printf, 1, 2))) static void die(const char* fmt, ...) {
+    char message[8192];
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "error: ");
+    vsnprintf(message, sizeof(message), fmt, args);
+    va_end(args);
+    if (temporary_path[0] != '\0') {
+        remove(temporary_path);
+        temporary_path[0] = '\0';
+    }
+#ifdef TESTING
+    if (die_hook != NULL) { die_hook(message); }
+#endif
+    fprintf(stderr, "error: %s\n", message);
+    exit(1);
+}
+
+// Print one warning line; the program goes on.
+__attribute__((format(printf, 1, 2))) static void warn(const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    fprintf(stderr, "warning: ");
     vfprintf(stderr, fmt, args);
     fprintf(stderr, "\n");
     va_end(args);
-    exit(1);
 }
 
 static FILE* fopen_check(const char* path, const char* mode, const char* what) {
@@ -64,17 +96,84 @@ static FILE* fopen_check(const char* path, const char* mode, const char* what) {
     return f;
 }
 
+// Open a regular file for reading, or return NULL with the reason in why. Anything else (a
+// FIFO, a device, a dir) is refused before anything reads it, since reading a FIFO could block
+// for ever; the open itself never blocks (O_NONBLOCK, which a regular file's reads ignore).
+static FILE* open_regular(const char* path, char* why, size_t why_size) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(why, why_size, "%s", strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        snprintf(why, why_size, "%s, not a regular file", S_ISDIR(st.st_mode) ? "a dir" : S_ISFIFO(st.st_mode) ? "a FIFO"
+                 : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device" : "a special file");
+        close(fd);
+        return NULL;
+    }
+    FILE* f = fdopen(fd, "rb");
+    if (f == NULL) {
+        snprintf(why, why_size, "%s", strerror(errno));
+        close(fd);
+    }
+    return f;
+}
+
+// Every file the trainer reads is opened here: a regular file, or die naming it.
+static FILE* fopen_regular(const char* path, const char* what) {
+    char why[256];
+    FILE* f = open_regular(path, why, sizeof(why));
+    if (f == NULL) { die("%s: cannot open %s (%s)", path, what, why); }
+    return f;
+}
+
+static long file_size(FILE* f) {
+    long here = ftell(f);
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, here, SEEK_SET);
+    return size;
+}
+
 // Read exactly n items or die naming the file: a short read means a truncated file.
 static void fread_check(void* dst, size_t size, size_t n, FILE* f, const char* path, const char* what) {
     if (fread(dst, size, n, f) != n) { die("%s: truncated %s", path, what); }
+}
+
+// Read the 256-int header that starts a model, state or shard file, and return the file's
+// size. The file is closed before the caller checks the header: a check that fails holds
+// nothing open.
+static long read_header(int header[256], const char* path, const char* what) {
+    FILE* f = fopen_regular(path, what);
+    long size = file_size(f);
+    size_t got = fread(header, sizeof(int), 256, f);
+    fclose(f);
+    if (got != 256) { die("%s: truncated %s (%ld bytes, shorter than its header)", path, what, size); }
+    return size;
 }
 
 static void fwrite_check(const void* src, size_t size, size_t n, FILE* f, const char* path) {
     if (fwrite(src, size, n, f) != n) { die("%s: write failed (%s)", path, strerror(errno)); }
 }
 
+// Flush f and die naming it if a write to it failed (a full disk, a file size limit): every
+// output (stdout, the log) is checked here.
+static void flush_check(FILE* f, const char* name) {
+    errno = 0;
+    int failed = fflush(f) != 0;
+    if (failed || ferror(f)) { die("%s: write failed (%s)", name, failed && errno != 0 ? strerror(errno) : "an earlier write"); }
+}
+
+// fsync a file (or a dir: its entries) to the disk; a file system that cannot is let be.
+static void sync_check(int fd, const char* path) {
+    if (fsync(fd) != 0 && errno != EINVAL && errno != ENOTSUP && errno != EROFS) {
+        die("%s: cannot sync to the disk (%s)", path, strerror(errno));
+    }
+}
+
 // Format a file path into buf, refusing one that does not fit.
-static void format_path(char* buf, size_t size, const char* fmt, ...) {
+__attribute__((format(printf, 3, 4))) static void format_path(char* buf, size_t size, const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
     int n = vsnprintf(buf, size, fmt, args);
@@ -94,12 +193,23 @@ static void* calloc_check(size_t n, size_t size) {
     return p;
 }
 
-static long file_size(FILE* f) {
-    long here = ftell(f);
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, here, SEEK_SET);
-    return size;
+// Whether x is finite (not NaN nor infinite), decided on its bits: -Ofast lets the compiler
+// assume there are no NaNs and infinities, and fold isfinite() to true.
+static int finite_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    return (bits & 0x7F800000u) != 0x7F800000u;
+}
+
+// The index of the first value in x[0..n) that is not finite, or that is negative when
+// nonnegative is set; n if there is none. One pass, at load time.
+static size_t first_bad_value(const float* x, size_t n, int nonnegative) {
+    for (size_t i = 0; i < n; i++) {
+        uint32_t bits;
+        memcpy(&bits, &x[i], sizeof(bits));
+        if ((bits & 0x7F800000u) == 0x7F800000u || (nonnegative && bits > 0x80000000u)) { return i; }
+    }
+    return n;
 }
 
 static double now_seconds(void) {
@@ -1472,21 +1582,17 @@ static float learning_rate_at(int step, int max_steps, float lr, int warmup, flo
 // [34] tokens per batch (size_t, an llmgen addition; 0 in llm.c's files)], then AdamW's m and
 // v.
 // A checkpoint at step S is model_S.bin and state_S_00000.bin in the output dir, then an
-// empty DONE_S file once both are complete; each is written to a temporary name and renamed.
+// empty DONE_S file once both are complete; each is written to a temporary name, synced to
+// the disk and renamed.
 #define MODEL_MAGIC 20240326
 #define MODEL_VERSION 3
 #define MODEL_VERSION_BF16 5
 #define STATE_MAGIC 20240527
 #define STATE_VERSION 1
 
-// Read and check a model file's header: its magic, version and sizes must be this program's,
-// and its size must be that of the parameters in that version. Returns the version, with f
-// at the first parameter.
-static int read_model_header(FILE* f, const char* path) {
-    long size = file_size(f);
-    int header[256];
-    if (size < (long)sizeof(header)) { die("%s: truncated model checkpoint (%ld bytes, shorter than its header)", path, size); }
-    fread_check(header, sizeof(int), 256, f, path, "model checkpoint");
+// Check a model file's header and size: its magic, version and sizes must be this program's,
+// and its size that of the parameters in that version. Returns the version.
+static int check_model_header(const int header[256], long size, const char* path) {
     if (header[0] != MODEL_MAGIC) { die("%s: not an llm.c model checkpoint (magic %d, expected %d)", path, header[0], MODEL_MAGIC); }
     int version = header[1];
     if (version != MODEL_VERSION && version != MODEL_VERSION_BF16) {
@@ -1501,7 +1607,7 @@ static int read_model_header(FILE* f, const char* path) {
             header[5], header[6], header[7], MAX_SEQ_LEN, VOCAB_SIZE, NUM_LAYERS, NUM_HEADS, CHANNELS, PADDED_VOCAB_SIZE);
     }
     size_t width = version == MODEL_VERSION ? sizeof(float) : sizeof(uint16_t);
-    long expected = (long)sizeof(header) + (long)(NUM_PARAMETERS * width);
+    long expected = 256 * (long)sizeof(int) + (long)(NUM_PARAMETERS * width);
     if (size != expected) {
         die("%s: model checkpoint is %ld bytes, expected %ld for version %d (truncated or corrupt)", path, size, expected, version);
     }
@@ -1515,31 +1621,46 @@ static void model_header(int header[256], int version) {
     memcpy(header, ours, sizeof(ours));
 }
 
+// The file at path, opened at the end of its header (once read_header has checked it).
+static FILE* open_after_header(const char* path, const char* what) {
+    FILE* f = fopen_regular(path, what);
+    if (fseek(f, 256 * sizeof(int), SEEK_SET) != 0) { die("%s: cannot seek in %s (%s)", path, what, strerror(errno)); }
+    return f;
+}
+
+// Refuse n values that are not all finite (or, with nonnegative, not all >= 0): a checkpoint
+// or state of NaNs would train on silently, with NaN losses.
+static void check_values(const float* x, size_t n, int nonnegative, const char* path, const char* what) {
+    size_t i = first_bad_value(x, n, nonnegative);
+    if (i < n) { die("%s: %s %zu of %zu is %g (%s)", path, what, i, n, x[i], nonnegative ? "must be finite and >= 0" : "must be finite"); }
+}
+
 // Read n bfloat16 values and widen them to float32: bits << 16.
 static void fread_bf16(float* dst, size_t n, FILE* f, const char* path) {
-    const size_t CHUNK = 65536;
-    uint16_t* buf = (uint16_t*)malloc_check(CHUNK * sizeof(uint16_t));
-    for (size_t done = 0; done < n; done += CHUNK) {
-        size_t count = n - done < CHUNK ? n - done : CHUNK;
+    uint16_t buf[4096];
+    for (size_t done = 0; done < n; done += 4096) {
+        size_t count = n - done < 4096 ? n - done : 4096;
         fread_check(buf, sizeof(uint16_t), count, f, path, "model checkpoint");
         for (size_t i = 0; i < count; i++) {
             uint32_t bits = (uint32_t)buf[i] << 16;
             memcpy(&dst[done + i], &bits, sizeof(float));
         }
     }
-    free(buf);
 }
 
-// Read a model file's parameters as float32 into values (NUM_PARAMETERS floats).
+// Read a model file's parameters as float32 into values (NUM_PARAMETERS floats): the header
+// is checked first, the parameters must be finite.
 static void read_model_file(float* values, const char* path) {
-    FILE* f = fopen_check(path, "rb", "model checkpoint");
-    int version = read_model_header(f, path);
+    int header[256];
+    int version = check_model_header(header, read_header(header, path, "model checkpoint"), path);
+    FILE* f = open_after_header(path, "model checkpoint");
     if (version == MODEL_VERSION) {
         fread_check(values, sizeof(float), NUM_PARAMETERS, f, path, "model checkpoint");
     } else {
         fread_bf16(values, NUM_PARAMETERS, f, path);
     }
     fclose(f);
+    check_values(values, NUM_PARAMETERS, 0, path, "model checkpoint parameter");
 }
 
 // What a state file restores besides the optimizer moments.
@@ -1567,21 +1688,20 @@ static void state_header(int header[256], const TrainState* s, int master) {
     memcpy(&header[34], &s->batch_tokens, sizeof(size_t));
 }
 
-// Read and check a state file's header and size into s; returns whether fp32 master weights
-// follow m and v (accepted only if master_ok). f is left at m.
-static int read_state_header(FILE* f, const char* path, TrainState* s, int master_ok) {
-    long size = file_size(f);
-    int header[256];
-    if (size < (long)sizeof(header)) { die("%s: truncated training state (%ld bytes, shorter than its header)", path, size); }
-    fread_check(header, sizeof(int), 256, f, path, "training state");
+// Check a state file's header and size, and read its fields into s; returns whether fp32
+// master weights follow m and v (accepted only if master_ok). The data position is checked
+// against the run's shards when the run resumes (dataloader_resume).
+static int check_state_header(const int header[256], long size, const char* path, TrainState* s, int master_ok) {
     if (header[0] != STATE_MAGIC) { die("%s: not an llm.c training state (magic %d, expected %d)", path, header[0], STATE_MAGIC); }
-    if (header[1] != STATE_VERSION || header[2] != 1 || (header[4] != 0 && !(header[4] == 1 && master_ok))) {
-        die("%s: training state version %d with %d processes and master weights %d is not supported", path, header[1], header[2], header[4]);
+    if (header[1] != STATE_VERSION || header[2] != 1 || header[3] != 0 || (header[4] != 0 && !(header[4] == 1 && master_ok))) {
+        die("%s: training state version %d with %d processes (rank %d) and master weights %d is not supported", path,
+            header[1], header[2], header[3], header[4]);
     }
     int master = header[4];
     long expected = 256 * (long)sizeof(int) + (2 + master) * (long)(NUM_PARAMETERS * sizeof(float));
     if (size != expected) { die("%s: training state is %ld bytes, expected %ld (truncated or from another model)", path, size, expected); }
     s->step = header[10];
+    if (s->step < 0) { die("%s: training state step %d is negative", path, s->step); }
     memcpy(&s->rng, &header[20], sizeof(uint64_t));
     memcpy(&s->shard, &header[30], sizeof(size_t));
     memcpy(&s->batch, &header[32], sizeof(size_t));
@@ -1589,15 +1709,23 @@ static int read_state_header(FILE* f, const char* path, TrainState* s, int maste
     return master;
 }
 
-// Write to "path.tmp", then rename over path: a crash never leaves a half-written file.
+// Write to "path.tmp", then rename over path (close_and_rename): a crash never leaves a
+// half-written file under the real name, and a failed write (die) removes the temporary one.
 static FILE* open_temporary(const char* path, char* tmp_path, size_t tmp_size) {
     format_path(tmp_path, tmp_size, "%s.tmp", path);
-    return fopen_check(tmp_path, "wb", "a file for writing");
+    FILE* f = fopen_check(tmp_path, "wb", "a file for writing");
+    snprintf(temporary_path, sizeof(temporary_path), "%s", tmp_path);
+    return f;
 }
 
+// Flush the file to the disk (fsync: after a power loss, a file under its real name is
+// complete), close it and rename it into place.
 static void close_and_rename(FILE* f, const char* tmp_path, const char* path) {
+    if (fflush(f) != 0) { die("%s: write failed (%s)", tmp_path, strerror(errno)); }
+    sync_check(fileno(f), tmp_path);
     if (fclose(f) != 0) { die("%s: write failed (%s)", tmp_path, strerror(errno)); }
     if (rename(tmp_path, path) != 0) { die("%s: cannot rename to %s (%s)", tmp_path, path, strerror(errno)); }
+    temporary_path[0] = '\0';
 }
 
 static void gpt2_load(GPT2* model, const char* path) {
@@ -1626,40 +1754,65 @@ static void save_state(const GPT2* model, const TrainState* s, const char* path)
     close_and_rename(f, tmp, path);
 }
 
+// The header is checked first; then m must be finite and v finite and >= 0 (AdamW takes its
+// square root).
 static void load_state(GPT2* model, TrainState* s, const char* path) {
-    FILE* f = fopen_check(path, "rb", "training state");
-    read_state_header(f, path, s, 0);
+    int header[256];
+    check_state_header(header, read_header(header, path, "training state"), path, s, 0);
+    FILE* f = open_after_header(path, "training state");
     fread_check(model->m_memory, sizeof(float), NUM_PARAMETERS, f, path, "training state");
     fread_check(model->v_memory, sizeof(float), NUM_PARAMETERS, f, path, "training state");
     fclose(f);
+    check_values(model->m_memory, NUM_PARAMETERS, 0, path, "training state first moment");
+    check_values(model->v_memory, NUM_PARAMETERS, 1, path, "training state second moment");
 }
 
-// A checkpoint at step S: the model, the state, and DONE_S once both are complete.
+// fsync a dir, so that the files renamed into it are there after a power loss.
+static void sync_dir(const char* dir) {
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) { die("%s: cannot open the output dir (%s)", dir, strerror(errno)); }
+    sync_check(fd, dir);
+    close(fd);
+}
+
+// A checkpoint at step S: the model, the state, and DONE_S once both are on the disk.
 static void save_checkpoint(const GPT2* model, const TrainState* s, const char* dir) {
-    char path[4096];
+    char path[4096], tmp[4096];
     format_path(path, sizeof(path), "%s/model_%08d.bin", dir, s->step);
     gpt2_save(model, path);
     format_path(path, sizeof(path), "%s/state_%08d_00000.bin", dir, s->step);
     save_state(model, s, path);
+    sync_dir(dir);
     format_path(path, sizeof(path), "%s/DONE_%08d", dir, s->step);
-    fclose(fopen_check(path, "wb", "a file for writing"));
+    close_and_rename(open_temporary(path, tmp, sizeof(tmp)), tmp, path);
+    sync_dir(dir);
     printf("wrote checkpoint at step %d to %s\n", s->step, dir);
 }
 
-// The highest step with a complete checkpoint (a DONE_ file) in dir, or -1.
+// The step S of a file named DONE_S (S in decimal digits, at most INT_MAX), or -1 for any other name.
+static int done_step(const char* name) {
+    if (strncmp(name, "DONE_", 5) != 0) { return -1; }
+    const char* digits = name + 5;
+    size_t n = strlen(digits);
+    if (n == 0 || n > 10 || strspn(digits, "0123456789") != n) { return -1; }
+    long long step = strtoll(digits, NULL, 10);
+    return step <= INT_MAX ? (int)step : -1;
+}
+
+// The highest step with a complete checkpoint (a DONE_ file) in dir, or -1 if there is none
+// or no dir. The dir is listed, so its name is taken as it is, never as a pattern.
 static int latest_checkpoint(const char* dir) {
-    int best = -1;
-    glob_t g;
-    char pattern[4096];
-    format_path(pattern, sizeof(pattern), "%s/DONE_*", dir);
-    if (glob(pattern, 0, NULL, &g) == 0) {
-        for (size_t i = 0; i < g.gl_pathc; i++) {
-            const char* name = strrchr(g.gl_pathv[i], '/') + 1;
-            int step;
-            if (sscanf(name, "DONE_%d", &step) == 1 && step > best) { best = step; }
-        }
+    DIR* d = opendir(dir);
+    if (d == NULL) {
+        if (errno == ENOENT) { return -1; }
+        die("%s: cannot list the output dir (%s)", dir, strerror(errno));
     }
-    globfree(&g);
+    int best = -1;
+    for (struct dirent* e = readdir(d); e != NULL; e = readdir(d)) {
+        int step = done_step(e->d_name);
+        if (step > best) { best = step; }
+    }
+    closedir(d);
     return best;
 }
 
@@ -1685,31 +1838,38 @@ typedef struct {
     int* targets;         // (B,T)
 } DataLoader;
 
+// The files matching a glob pattern, sorted, in g (globfree it); returns how many. -i and -j
+// are patterns by design (a \ before *, ? or [ matches it literally); the loader and the
+// check for val data both match here.
+static size_t match_pattern(const char* pattern, glob_t* g) {
+    int rc = glob(pattern, 0, NULL, g);
+    if (rc == GLOB_NOSPACE) { die("%s: out of memory matching this pattern", pattern); }
+    return rc == 0 ? g->gl_pathc : 0;
+}
+
+// The tokens in a shard, from its header, checked against the file's size and one batch.
+static size_t shard_tokens(const char* path, int B, int T) {
+    int header[256];
+    long size = read_header(header, path, "token shard");
+    if (header[0] != SHARD_MAGIC) { die("%s: not an llm.c token shard (magic %d, expected %d)", path, header[0], SHARD_MAGIC); }
+    if (header[1] != SHARD_VERSION) { die("%s: token shard version %d is not supported (expected %d)", path, header[1], SHARD_VERSION); }
+    if (header[2] < 0 || size != (long)sizeof(header) + 2L * header[2]) {
+        die("%s: header says %d tokens but the file holds %ld (truncated or corrupt)", path, header[2], (size - (long)sizeof(header)) / 2);
+    }
+    if ((size_t)header[2] < (size_t)B * T + 1) {
+        die("%s: holds %d tokens, but one batch needs B*T+1 = %zu", path, header[2], (size_t)B * T + 1);
+    }
+    return (size_t)header[2];
+}
+
 static void dataloader_init(DataLoader* d, const char* pattern, int B, int T) {
     memset(d, 0, sizeof(*d));
     d->B = B;
     d->T = T;
-    if (glob(pattern, 0, NULL, &d->shards) != 0 || d->shards.gl_pathc == 0) {
-        die("%s: no token shard matches this pattern", pattern);
-    }
+    if (match_pattern(pattern, &d->shards) == 0) { die("%s: no token shard matches this pattern", pattern); }
     d->shard_tokens = (size_t*)malloc_check(d->shards.gl_pathc * sizeof(size_t));
     for (size_t i = 0; i < d->shards.gl_pathc; i++) {
-        const char* path = d->shards.gl_pathv[i];
-        FILE* f = fopen_check(path, "rb", "token shard");
-        long size = file_size(f);
-        int header[256];
-        if (size < (long)sizeof(header)) { die("%s: truncated token shard (%ld bytes, shorter than its header)", path, size); }
-        fread_check(header, sizeof(int), 256, f, path, "token shard");
-        fclose(f);
-        if (header[0] != SHARD_MAGIC) { die("%s: not an llm.c token shard (magic %d, expected %d)", path, header[0], SHARD_MAGIC); }
-        if (header[1] != SHARD_VERSION) { die("%s: token shard version %d is not supported (expected %d)", path, header[1], SHARD_VERSION); }
-        if (header[2] < 0 || size != (long)sizeof(header) + 2L * header[2]) {
-            die("%s: header says %d tokens but the file holds %ld (truncated or corrupt)", path, header[2], (size - (long)sizeof(header)) / 2);
-        }
-        if ((size_t)header[2] < (size_t)B * T + 1) {
-            die("%s: holds %d tokens, but one batch needs B*T+1 = %zu", path, header[2], (size_t)B * T + 1);
-        }
-        d->shard_tokens[i] = header[2];
+        d->shard_tokens[i] = shard_tokens(d->shards.gl_pathv[i], B, T);
         d->num_batches += (d->shard_tokens[i] - 1) / ((size_t)B * T);
     }
     d->buffer = (uint16_t*)malloc_check(((size_t)B * T + 1) * sizeof(uint16_t));
@@ -1733,13 +1893,29 @@ static void dataloader_seek(DataLoader* d, size_t shard, size_t batch) {
     d->position = batch * d->B * d->T;
 }
 
+// Continue where a checkpoint's run stopped (its state file at path): batch s->batch of
+// shard s->shard, counted in batches of s->batch_tokens (0, as llm.c writes: this run's B*T).
+// A position that is not inside this run's shards is refused, naming the field.
+static void dataloader_resume(DataLoader* d, const TrainState* s, const char* path) {
+    size_t bt = (size_t)d->B * d->T, written = s->batch_tokens == 0 ? bt : s->batch_tokens;
+    if (s->shard >= d->shards.gl_pathc) {
+        die("%s: training state shard %zu is not one of this run's %zu train shards", path, s->shard, d->shards.gl_pathc);
+    }
+    size_t tokens = d->shard_tokens[s->shard];
+    if (s->batch > (tokens - 1) / written) {
+        die("%s: training state batch %zu (of %zu tokens each) is past the end of train shard %zu (%zu tokens)", path,
+            s->batch, written, s->shard, tokens);
+    }
+    dataloader_seek(d, s->shard, s->batch * written / bt);
+}
+
 static void dataloader_next_batch(DataLoader* d) {
     size_t n = (size_t)d->B * d->T;
     if (d->position + n + 1 > d->shard_tokens[d->shard]) {  // this shard is used up: next one
         dataloader_seek(d, d->shard + 1, 0);
     }
     const char* path = d->shards.gl_pathv[d->shard];
-    if (d->file == NULL) { d->file = fopen_check(path, "rb", "token shard"); }
+    if (d->file == NULL) { d->file = fopen_regular(path, "token shard"); }
     fseek(d->file, 256 * sizeof(int) + d->position * sizeof(uint16_t), SEEK_SET);
     fread_check(d->buffer, sizeof(uint16_t), n + 1, d->file, path, "token shard");
     for (size_t i = 0; i <= n; i++) {
@@ -1768,40 +1944,84 @@ typedef struct {
     uint32_t* offset; // (V+1) token i is bytes[offset[i] .. offset[i+1])
 } Tokenizer;
 
-// Load the tokenizer file at path. A file that is not there is an error only if
-// required (the -T flag was given); without one, samples come out as token ids.
+// Read a tokenizer file (f, open at its start) into tk. Returns NULL, or what is wrong with
+// the file (in why); tk then holds what to free.
+static const char* tokenizer_read(Tokenizer* tk, FILE* f, char* why, size_t why_size) {
+    long size = file_size(f);
+    long least = 256 * (long)sizeof(uint32_t) + VOCAB_SIZE, most = least + 255L * VOCAB_SIZE;
+    uint32_t header[256];
+    if (size < (long)sizeof(header) || fread(header, sizeof(uint32_t), 256, f) != 256) {
+        snprintf(why, why_size, "truncated tokenizer file (%ld bytes, shorter than its header)", size);
+        return why;
+    }
+    if (header[0] != TOKENIZER_MAGIC) {
+        snprintf(why, why_size, "not an llm.c tokenizer file (magic %u, expected %d)", header[0], TOKENIZER_MAGIC);
+        return why;
+    }
+    if (header[1] != 1 && header[1] != 2) {
+        snprintf(why, why_size, "tokenizer file version %u is not supported (expected 1 or 2)", header[1]);
+        return why;
+    }
+    if (header[2] != VOCAB_SIZE) {
+        snprintf(why, why_size, "the tokenizer has %u tokens, this model's vocab is %d", header[2], VOCAB_SIZE);
+        return why;
+    }
+    if (size < least || size > most) {
+        snprintf(why, why_size, "%s tokenizer file (%ld bytes; %d tokens of 1 to 255 bytes take %ld to %ld)",
+                 size < least ? "truncated" : "corrupt", size, VOCAB_SIZE, least, most);
+        return why;
+    }
+    // the whole file, then each token's bytes moved down over the length bytes before them
+    size_t n = (size_t)size - sizeof(header);
+    tk->bytes = (char*)malloc_check(n);
+    tk->offset = (uint32_t*)malloc_check((VOCAB_SIZE + 1) * sizeof(uint32_t));
+    if (fread(tk->bytes, 1, n, f) != n) {
+        snprintf(why, why_size, "truncated tokenizer file");
+        return why;
+    }
+    size_t at = 0, next = 0;  // where the next token goes, where its length byte is
+    for (int i = 0; i < VOCAB_SIZE; i++) {
+        size_t len = next < n ? (unsigned char)tk->bytes[next] : 256;
+        if (len == 0 || next + 1 + len > n) {
+            snprintf(why, why_size, len == 0 ? "token %d has length 0" : "token %d runs past the end of the file", i);
+            return why;
+        }
+        memmove(tk->bytes + at, tk->bytes + next + 1, len);
+        tk->offset[i] = (uint32_t)at;
+        at += len;
+        next += 1 + len;
+    }
+    tk->offset[VOCAB_SIZE] = (uint32_t)at;
+    if (next != n) {
+        snprintf(why, why_size, "%zu bytes follow the last token (corrupt)", n - next);
+        return why;
+    }
+    return NULL;
+}
+
+// Load the tokenizer file at path. Given by -T (required), a file that does not load is an
+// error; the default one is optional: without it samples are token ids, and one that does
+// not load is a warning, then token ids.
 static void tokenizer_init(Tokenizer* tk, const char* path, int required) {
     memset(tk, 0, sizeof(*tk));
-    FILE* f = fopen(path, "rb");
-    if (f == NULL) {
-        if (required) { die("%s: cannot open the tokenizer file (%s)", path, strerror(errno)); }
+    struct stat st;
+    if (!required && stat(path, &st) != 0 && errno == ENOENT) { return; }
+    char why[512];
+    FILE* f = open_regular(path, why, sizeof(why));
+    int opened = f != NULL;
+    const char* problem = opened ? tokenizer_read(tk, f, why, sizeof(why)) : why;
+    if (opened) { fclose(f); }
+    if (problem == NULL) {
+        tk->ok = 1;
         return;
     }
-    uint32_t header[256];
-    fread_check(header, sizeof(uint32_t), 256, f, path, "tokenizer file");
-    if (header[0] != TOKENIZER_MAGIC) { die("%s: not an llm.c tokenizer file (magic %u, expected %d)", path, header[0], TOKENIZER_MAGIC); }
-    if (header[1] != 1 && header[1] != 2) { die("%s: tokenizer file version %u is not supported (expected 1 or 2)", path, header[1]); }
-    if (header[2] != VOCAB_SIZE) {
-        if (required) { die("%s: the tokenizer has %u tokens, this model's vocab is %d", path, header[2], VOCAB_SIZE); }
-        fprintf(stderr, "warning: %s has %u tokens, not this model's %d: samples are printed as token ids\n", path, header[2], VOCAB_SIZE);
-        fclose(f);
-        return;
-    }
-    long size = file_size(f);
-    tk->bytes = (char*)malloc_check(size);
-    tk->offset = (uint32_t*)malloc_check((VOCAB_SIZE + 1) * sizeof(uint32_t));
-    uint32_t at = 0;
-    for (int i = 0; i < VOCAB_SIZE; i++) {
-        unsigned char len;
-        fread_check(&len, 1, 1, f, path, "tokenizer file");
-        if (len == 0) { die("%s: token %d has length 0", path, i); }
-        tk->offset[i] = at;
-        fread_check(tk->bytes + at, 1, len, f, path, "tokenizer file");
-        at += len;
-    }
-    tk->offset[VOCAB_SIZE] = at;
-    fclose(f);
-    tk->ok = 1;
+    free(tk->bytes);
+    free(tk->offset);
+    memset(tk, 0, sizeof(*tk));
+    char message[1024];
+    snprintf(message, sizeof(message), opened ? "%s" : "cannot open the tokenizer file (%s)", problem);
+    if (required) { die("%s: %s", path, message); }
+    warn("%s: %s: samples are printed as token ids", path, message);
 }
 
 static void tokenizer_free(Tokenizer* tk) {
@@ -2022,6 +2242,9 @@ static float evaluate(GPT2* model, DataLoader* loader, int num_batches) {
 }
 
 #ifndef TESTING
+#define MAX_BATCH_TOKENS INT_MAX // B*T: the layers count a batch's positions in an int
+#define MAX_GEN_TOKENS (1 << 30) // -g: the prompt and the tokens generated are counted in an int
+
 // The run's settings, from the command line; the defaults are those of usage().
 typedef struct {
     const char* train_pattern; // -i
@@ -2049,7 +2272,7 @@ typedef struct {
     int resume;                     // -y
     int overfit;                    // -a
     float grad_clip;                // -G
-    long seed;                      // -S
+    long long seed;                 // -S
 } Config;
 
 static void usage(int status) {
@@ -2087,22 +2310,32 @@ static void usage(int status) {
         "  -G <float>  clip the global gradient norm to this (default 1.0; 0 disables)\n"
         "  -S <int>    random seed for the init and the sampler (default 42)\n"
         "  -h          this help\n", MAX_SEQ_LEN, 64);
+    if (status == 0) { flush_check(stdout, "stdout"); }
     exit(status);
 }
 
-static long parse_int(const char* flag, const char* s) {
+// An integer flag's value, which must be in [lo, hi]: anything else (not a number, out of
+// range, or too large for its type, as 4294967297 for an int) is refused, naming the flag
+// and its range. Every integer flag is parsed here.
+static long long parse_int(const char* flag, const char* s, long long lo, long long hi) {
     char* end;
     errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno != 0 || *end != '\0' || end == s) { die("%s: expected an integer, got '%s'", flag, s); }
+    long long v = strtoll(s, &end, 10);
+    if (errno != 0 || *end != '\0' || end == s || v < lo || v > hi) {
+        die("%s: expected an integer from %lld to %lld, got '%s'", flag, lo, hi, s);
+    }
     return v;
 }
 
+// A float flag's value: a finite number, not negative (NaN and infinities are refused: they
+// would train on silently, with NaN losses). Every float flag is parsed here.
 static float parse_float(const char* flag, const char* s) {
     char* end;
     errno = 0;
     float v = strtof(s, &end);
-    if (errno != 0 || *end != '\0' || end == s) { die("%s: expected a number, got '%s'", flag, s); }
+    if (errno != 0 || *end != '\0' || end == s || !finite_bits(v) || v < 0.0f) {
+        die("%s: expected a finite number >= 0, got '%s'", flag, s);
+    }
     return v;
 }
 
@@ -2154,47 +2387,46 @@ static void parse_args(Config* c, int argc, char** argv) {
             case 'j': c->val_pattern = value; c->val_pattern_given = 1; break;
             case 'e': c->init_path = value; break;
             case 'o': c->out_dir = value; break;
-            case 'b': c->B = (int)parse_int(flag, value); break;
-            case 't': c->T = (int)parse_int(flag, value); break;
-            case 'd': c->total_batch = (int)parse_int(flag, value); break;
+            case 'b': c->B = (int)parse_int(flag, value, 1, INT_MAX); break;
+            case 't': c->T = (int)parse_int(flag, value, INT_MIN, INT_MAX); break;  // checked against max_seq_len in check_config
+            case 'd': c->total_batch = (int)parse_int(flag, value, -1, INT_MAX); break;
             case 'l': c->lr = parse_float(flag, value); break;
-            case 'u': c->warmup = (int)parse_int(flag, value); break;
+            case 'u': c->warmup = (int)parse_int(flag, value, 0, INT_MAX); break;
             case 'q': c->final_frac = parse_float(flag, value); break;
             case 'c': c->weight_decay = parse_float(flag, value); break;
-            case 'x': c->max_steps = (int)parse_int(flag, value); break;
-            case 'v': c->val_every = (int)parse_int(flag, value); break;
-            case 'm': c->val_max_batches = (int)parse_int(flag, value); break;
-            case 's': c->sample_every = (int)parse_int(flag, value); break;
-            case 'g': c->gen_tokens = (int)parse_int(flag, value); break;
-            case 'N': c->samples = (int)parse_int(flag, value); break;
-            case 'n': c->checkpoint_every = (int)parse_int(flag, value); break;
-            case 'y': c->resume = (int)parse_int(flag, value); break;
-            case 'a': c->overfit = (int)parse_int(flag, value); break;
+            case 'x': c->max_steps = (int)parse_int(flag, value, -1, INT_MAX); break;
+            case 'v': c->val_every = (int)parse_int(flag, value, 0, INT_MAX); break;
+            case 'm': c->val_max_batches = (int)parse_int(flag, value, 0, INT_MAX); break;
+            case 's': c->sample_every = (int)parse_int(flag, value, 0, INT_MAX); break;
+            case 'g': c->gen_tokens = (int)parse_int(flag, value, 0, MAX_GEN_TOKENS); break;
+            case 'N': c->samples = (int)parse_int(flag, value, 1, 1 << 16); break;
+            case 'n': c->checkpoint_every = (int)parse_int(flag, value, 0, INT_MAX); break;
+            case 'y': c->resume = (int)parse_int(flag, value, 0, 1); break;
+            case 'a': c->overfit = (int)parse_int(flag, value, 0, 1); break;
             case 'G': c->grad_clip = parse_float(flag, value); break;
-            case 'S': c->seed = parse_int(flag, value); break;
+            case 'S': c->seed = parse_int(flag, value, LLONG_MIN, LLONG_MAX); break;
             case 'T': c->tokenizer_path = value; c->tokenizer_given = 1; break;
             case 'P': c->prompt_ids = value; break;
-            case 'K': c->top_k = (int)parse_int(flag, value); break;
+            case 'K': c->top_k = (int)parse_int(flag, value, 0, INT_MAX); break;
             case 'R': c->temperature = parse_float(flag, value); break;
             default: fprintf(stderr, "error: unknown flag %s\n", flag); usage(1);
         }
     }
 }
 
-// Refuse settings that do not fit together, and derive grad_accum and sample_only.
+// Refuse settings that do not fit together, and derive grad_accum and sample_only (each
+// flag's own range is checked as it is parsed).
 static void check_config(Config* c) {
-    if (c->B <= 0) { die("-b: the batch size must be positive, got %d", c->B); }
     if (c->T <= 0 || c->T > MAX_SEQ_LEN) { die("-t: the sequence length must be between 1 and max_seq_len %d, got %d", MAX_SEQ_LEN, c->T); }
-    if (c->total_batch == -1) { c->total_batch = c->B * c->T; }
-    if (c->total_batch <= 0 || c->total_batch % (c->B * c->T) != 0) {
-        die("-d: the total batch %d tokens is not a positive multiple of B*T = %d", c->total_batch, c->B * c->T);
+    long long BT = (long long)c->B * c->T;
+    if (BT > MAX_BATCH_TOKENS) { die("-b, -t: B*T = %lld tokens is more than a batch can hold (%d)", BT, MAX_BATCH_TOKENS); }
+    if (c->total_batch == -1) { c->total_batch = (int)BT; }
+    if (c->total_batch <= 0 || c->total_batch % BT != 0) {
+        die("-d: the total batch %d tokens is not a positive multiple of B*T = %lld", c->total_batch, BT);
     }
-    c->grad_accum = c->total_batch / (c->B * c->T);
+    c->grad_accum = (int)(c->total_batch / BT);
     if (c->checkpoint_every > 0 && c->out_dir == NULL) { die("-n: checkpoints need an output dir (-o)"); }
     if (c->resume && c->out_dir == NULL) { die("-y: resuming needs the output dir (-o) holding the checkpoints"); }
-    if (c->gen_tokens < 0 || c->val_max_batches < 0 || c->warmup < 0) { die("-g, -m and -u must not be negative"); }
-    if (c->top_k < 0 || c->temperature < 0.0f) { die("-K and -R must not be negative"); }
-    if (c->samples < 1) { die("-N: the samples must be at least 1, got %d", c->samples); }
     c->sample_only = c->max_steps == 0;
     if (c->sample_only && c->init_path == NULL && !c->resume) { die("-x 0 samples a trained model: give its checkpoint with -e (or -y 1 -o DIR)"); }
 }
@@ -2211,13 +2443,27 @@ typedef struct {
     Sampler sampler;
     int* prompt;
     int n_prompt;
-    FILE* log;  // main.log in the output dir, or NULL
-    FILE* info; // where the run's summary goes: stderr when sampling only, so
+    FILE* log;                 // main.log in the output dir, or NULL
+    char log_path[4096];
+    FILE* info;                // where the run's summary goes: stderr when sampling only, so
                                // that the text alone goes to stdout
 } Run;
 
-// Open the log, build the model (from the latest checkpoint, a given one, or random init),
-// the data loaders, the tokenizer and the sampler, and print what the run will do.
+// Load the latest checkpoint in the output dir (at step, from its DONE_ file): the model and
+// the state, whose step must be the one its name says.
+static void load_checkpoint(Run* r, const Config* c, int step) {
+    char path[4096];
+    format_path(path, sizeof(path), "%s/model_%08d.bin", c->out_dir, step);
+    gpt2_load(&r->model, path);
+    format_path(path, sizeof(path), "%s/state_%08d_00000.bin", c->out_dir, step);
+    load_state(&r->model, &r->state, path);
+    if (r->state.step != step) { die("%s: training state step %d is not the step %d of its name", path, r->state.step, step); }
+    if (!c->sample_only) { dataloader_resume(&r->train_loader, &r->state, path); }
+}
+
+// Build the model (from the latest checkpoint, a given one, or random init), the data loaders,
+// the tokenizer and the sampler, then open the log (once all the input is checked, so that a
+// run refused leaves the output dir as it was), and print what the run will do.
 static void setup(Run* r, Config* c) {
     memset(r, 0, sizeof(*r));
     r->info = c->sample_only ? stderr : stdout;
@@ -2233,27 +2479,13 @@ static void setup(Run* r, Config* c) {
     r->sampler.top_k = c->top_k;
     r->sampler.scratch = (float*)malloc_check(VOCAB_SIZE * sizeof(float));
 
-    // the output dir, checked by opening the log in it
     int resume_step = c->resume ? latest_checkpoint(c->out_dir) : -1;
     if (c->resume && resume_step < 0 && c->sample_only) { die("-x 0 -y 1: no checkpoint in %s to sample from", c->out_dir); }
-    if (c->resume && resume_step < 0) { printf("no checkpoint in %s: starting from scratch\n", c->out_dir); }
-    if (c->out_dir != NULL && !c->sample_only) {  // sampling only leaves the run's log alone
-        if (mkdir(c->out_dir, 0755) != 0 && errno != EEXIST) { die("%s: cannot create the output dir (%s)", c->out_dir, strerror(errno)); }
-        char path[4096];
-        format_path(path, sizeof(path), "%s/main.log", c->out_dir);
-        r->log = fopen(path, resume_step >= 0 ? "a" : "w");
-        if (r->log == NULL) { die("%s: cannot write to the output dir (%s)", c->out_dir, strerror(errno)); }
-    }
-
+    if (!c->sample_only) { dataloader_init(&r->train_loader, c->train_pattern, c->B, c->T); }
     gpt2_alloc(&r->model, c->B, c->T);
     r->state.rng = (uint64_t)c->seed * 0x9E3779B97F4A7C15ULL + 7;  // the sampler's; step and data position 0
     if (resume_step >= 0) {
-        char path[4096];
-        format_path(path, sizeof(path), "%s/model_%08d.bin", c->out_dir, resume_step);
-        gpt2_load(&r->model, path);
-        format_path(path, sizeof(path), "%s/state_%08d_00000.bin", c->out_dir, resume_step);
-        load_state(&r->model, &r->state, path);
-        fprintf(r->info, "resuming from step %d in %s\n", r->state.step, c->out_dir);
+        load_checkpoint(r, c, resume_step);
     } else if (c->init_path != NULL) {
         gpt2_load(&r->model, c->init_path);
     } else {
@@ -2261,16 +2493,8 @@ static void setup(Run* r, Config* c) {
     }
     r->start_step = resume_step >= 0 && !c->sample_only ? r->state.step : 0;
 
-    if (!c->sample_only) { dataloader_init(&r->train_loader, c->train_pattern, c->B, c->T); }
-    if (resume_step >= 0 && !c->sample_only) {
-        // continue where the checkpoint's run stopped, counted in its own batch size (a state
-        // file without it, as llm.c writes, is taken to have this run's)
-        size_t bt = (size_t)c->B * c->T, written = r->state.batch_tokens;
-        size_t batch = written == 0 || written == bt ? r->state.batch : r->state.batch * written / bt;
-        dataloader_seek(&r->train_loader, r->state.shard, batch);
-    }
     glob_t val_check;
-    int have_val = glob(c->val_pattern, 0, NULL, &val_check) == 0 && val_check.gl_pathc > 0;
+    int have_val = match_pattern(c->val_pattern, &val_check) > 0;
     globfree(&val_check);
     if (!have_val && c->val_pattern_given) { die("%s: no token shard matches this pattern", c->val_pattern); }
     if (have_val && c->val_every > 0) {
@@ -2278,8 +2502,20 @@ static void setup(Run* r, Config* c) {
         r->val_batches = r->val_loader.num_batches < (size_t)c->val_max_batches ? (int)r->val_loader.num_batches : c->val_max_batches;
     }
     if (c->max_steps < 0) {
-        c->max_steps = (int)(r->train_loader.num_batches / c->grad_accum);
-        if (c->max_steps == 0) { c->max_steps = 1; }
+        size_t steps = r->train_loader.num_batches / c->grad_accum;
+        c->max_steps = steps == 0 ? 1 : steps > INT_MAX ? INT_MAX : (int)steps;
+    }
+    if (r->start_step > c->max_steps) {
+        die("-x: the run has %d steps, but the checkpoint in %s is at step %d already", c->max_steps, c->out_dir, r->start_step);
+    }
+
+    if (c->resume && resume_step < 0) { printf("no checkpoint in %s: starting from scratch\n", c->out_dir); }
+    if (resume_step >= 0) { fprintf(r->info, "resuming from step %d in %s\n", r->state.step, c->out_dir); }
+    if (c->out_dir != NULL && !c->sample_only) {  // sampling only leaves the run's log alone
+        if (mkdir(c->out_dir, 0755) != 0 && errno != EEXIST) { die("%s: cannot create the output dir (%s)", c->out_dir, strerror(errno)); }
+        format_path(r->log_path, sizeof(r->log_path), "%s/main.log", c->out_dir);
+        r->log = fopen(r->log_path, resume_step >= 0 ? "a" : "w");
+        if (r->log == NULL) { die("%s: cannot write to the output dir (%s)", c->out_dir, strerror(errno)); }
     }
 
     fprintf(r->info, "model gpt2-124m: %d layers, %d heads, %d channels, vocab %d (padded %d), %llu parameters\n",
@@ -2293,11 +2529,23 @@ static void setup(Run* r, Config* c) {
     fprintf(r->info, "val %s: %d batches\n", r->val_batches > 0 ? c->val_pattern : "(none)", r->val_batches);
     fprintf(r->info, "samples: %s; temperature %g, top-k %d\n", r->tokenizer.ok ? c->tokenizer_path : "token ids (no tokenizer)",
             c->temperature, c->top_k);
-    fflush(r->info);
+    flush_check(stdout, "stdout");
+}
+
+// Write a line to the log (if there is one); a write that fails stops the run.
+__attribute__((format(printf, 2, 3))) static void log_line(Run* r, const char* fmt, ...) {
+    if (r->log == NULL) { return; }
+    va_list args;
+    va_start(args, fmt);
+    vfprintf(r->log, fmt, args);
+    va_end(args);
+    flush_check(r->log, r->log_path);
 }
 
 // From start_step to max_steps: the val loss every val_every steps, a sample every
-// sample_every, a checkpoint every checkpoint_every, and an optimizer step in between.
+// sample_every, a checkpoint every checkpoint_every, and an optimizer step in between. A loss
+// or gradient norm that is not finite stops the run before anything else is written, so the
+// last checkpoint stays the last good one.
 static void train_loop(Run* r, const Config* c) {
     GPT2* model = &r->model;
     for (int step = r->start_step; step <= c->max_steps; step++) {
@@ -2305,14 +2553,14 @@ static void train_loop(Run* r, const Config* c) {
         if (r->val_batches > 0 && (step % c->val_every == 0 || last_step)) {
             float val_loss = evaluate(model, &r->val_loader, r->val_batches);
             fprintf(r->info, "val loss %f\n", val_loss);
-            if (r->log != NULL) { fprintf(r->log, "s:%d tel:%.4f\n", step, val_loss); fflush(r->log); }
+            log_line(r, "s:%d tel:%.4f\n", step, val_loss);
         }
         if (c->sample_only) {
             double seconds = gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, c->samples, &r->sampler,
                                            &r->tokenizer, stdout, &r->state.rng);
             printf("\n");
-            fprintf(stderr, "generated %d tokens in %.2f s: %.1f tokens/s (%d sample%s)\n", c->gen_tokens * c->samples,
-                    seconds, c->gen_tokens * c->samples / (seconds > 0 ? seconds : 1e-9), c->samples,
+            fprintf(stderr, "generated %lld tokens in %.2f s: %.1f tokens/s (%d sample%s)\n", (long long)c->gen_tokens * c->samples,
+                    seconds, (double)c->gen_tokens * c->samples / (seconds > 0 ? seconds : 1e-9), c->samples,
                     c->samples == 1 ? "" : "s");
         } else if (c->sample_every > 0 && c->gen_tokens > 0 && ((step > r->start_step && step % c->sample_every == 0) || last_step)) {
             printf("generating:\n---\n");
@@ -2327,6 +2575,7 @@ static void train_loop(Run* r, const Config* c) {
             r->state.batch_tokens = (size_t)c->B * c->T;
             save_checkpoint(model, &r->state, c->out_dir);
         }
+        flush_check(stdout, "stdout");
         if (last_step) { break; }
 
         double t0 = now_seconds();
@@ -2334,21 +2583,24 @@ static void train_loop(Run* r, const Config* c) {
         float norm;
         float loss = train_step(model, &r->train_loader, c->grad_accum, c->overfit, step_lr, c->weight_decay,
                                 c->grad_clip, step + 1, &norm);
+        if (!finite_bits(loss) || !finite_bits(norm)) {
+            die("step %d: the %s is %g: training diverged (a lower -l may help); the run stops, its last checkpoint is left as it was",
+                step + 1, finite_bits(loss) ? "gradient norm" : "loss", finite_bits(loss) ? norm : loss);
+        }
         double ms = (now_seconds() - t0) * 1000.0;
         double tok_s = c->total_batch / (ms / 1000.0);
         printf("step %d/%d | loss %f | lr %.2e | norm %.4f | %.2f ms | %.0f tok/s\n",
                step + 1, c->max_steps, loss, step_lr, norm, ms, tok_s);
-        fflush(stdout);
-        if (r->log != NULL) {
-            fprintf(r->log, "s:%d trl:%.6f lr:%.6e norm:%.4f ms:%.2f tok_s:%.0f tokens:%lld\n", step, loss, step_lr,
-                    norm, ms, tok_s, (long long)(step + 1) * c->total_batch);
-            fflush(r->log);
-        }
+        flush_check(stdout, "stdout");
+        log_line(r, "s:%d trl:%.6f lr:%.6e norm:%.4f ms:%.2f tok_s:%.0f tokens:%lld\n", step, loss, step_lr, norm, ms, tok_s,
+                 (long long)(step + 1) * c->total_batch);
     }
 }
 
+// Close the log and free everything; a write to the log or stdout that failed is an error.
 static void teardown(Run* r, const Config* c) {
-    if (r->log != NULL) { fclose(r->log); }
+    if (r->log != NULL && fclose(r->log) != 0) { die("%s: write failed (%s)", r->log_path, strerror(errno)); }
+    flush_check(stdout, "stdout");
     if (!c->sample_only) { dataloader_free(&r->train_loader); }
     if (r->val_batches > 0) { dataloader_free(&r->val_loader); }
     tokenizer_free(&r->tokenizer);
@@ -2357,7 +2609,21 @@ static void teardown(Run* r, const Config* c) {
     gpt2_free(&r->model);
 }
 
+// Cap the OpenMP threads at 4 per online core: far more (a mistyped OMP_NUM_THREADS) can
+// crash the OpenMP runtime, and would never be faster.
+static void limit_threads(void) {
+#ifdef _OPENMP
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int cap = 4 * (cores > 0 && cores < INT_MAX / 4 ? (int)cores : 1);
+    if (omp_get_max_threads() > cap) {
+        warn("%d OpenMP threads for %ld cores: using %d", omp_get_max_threads(), cores, cap);
+        omp_set_num_threads(cap);
+    }
+#endif
+}
+
 int main(int argc, char** argv) {
+    limit_threads();
     Config config;
     parse_args(&config, argc, argv);
     check_config(&config);
