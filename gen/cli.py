@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from . import spec as specs
@@ -115,6 +116,16 @@ def spec_options(f=None, *, default=DEFAULT_SPEC):
                 spec = given
         return f(spec=spec, **kwargs)
     return wrapper
+
+
+SPEC_PARAMS = ("spec_name", "spec_from", "layers", "heads", "channels", "vocab_size", "max_seq_len", "norm",
+               "norm_eps", "position", "rope_theta", "mlp", "mlp_hidden", "kv_heads", "bias", "tie_embeddings")
+
+
+def given_on_command_line(ctx: click.Context, *names: str) -> bool:
+    """Whether any of these parameters was typed (not left at its default)."""
+    return any(ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+               for n in names)
 
 
 def cuda_options(f):
@@ -363,15 +374,40 @@ def presets():
 @click.option("--build-dir", type=click.Path(file_okay=False), help="where to build  [default: build/verify-SPEC]")
 @click.option("--target", type=click.Choice([Target.C.value, Target.CUDA.value]), default=Target.C.value,
               show_default=True, help="the C trainer, or the CUDA one (needs an NVIDIA GPU)")
+@click.option("--trainer", "trainer", metavar="FILE", type=click.Path(dir_okay=False),
+              help="verify this train_gpt2.c (or .cu) instead of a fresh one: a copy you edited, for the spec in "
+                   "its header (--spec, if given, must agree); the target follows the suffix")
+@click.option("--cflags", metavar="FLAGS", help="C compiler flags of the harness  [default: the Makefile's, "
+                                                 "-Ofast -march=native]")
 @cuda_options
-def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target, precision, matmul):
-    """Build the emitted C (or CUDA) and compare it with the NumPy reference: the logits, the
-    loss and every gradient of one step, then the losses, norms and parameters of N steps."""
-    from .verify import format_table, verify as run_verify
+def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target, trainer, cflags, precision, matmul):
+    """Build the emitted C (or CUDA) and compare it with the NumPy reference, operation by
+    operation in the order the data flows: every activation of a forward, every activation
+    and parameter gradient of the backward (layer by layer), then the losses, norms and
+    parameters of N AdamW steps. The table ends with the first divergence, if any."""
+    from .verify import cuda_header_build, format_table, read_trainer, trainer_spec, trainer_target
+    from .verify import verify as run_verify
+    ctx = click.get_current_context()
+    if trainer is not None:
+        path = Path(trainer)
+        file_target = trainer_target(path).value
+        if given_on_command_line(ctx, "target") and target != file_target:
+            raise LlmgenError(f"{path}: a {file_target.upper()} trainer (by its suffix), but --target {target}")
+        target = file_target
+        spec = trainer_spec(path, spec if given_on_command_line(ctx, *SPEC_PARAMS) else None)
+        if target == Target.CUDA.value:
+            built = cuda_header_build(path, read_trainer(path))
+            if built is not None:
+                for name, value in zip(("precision", "matmul"), built):
+                    if given_on_command_line(ctx, name) and ctx.params[name] != value:
+                        raise LlmgenError(f"{path}: its header says {name} {value}, but --{name} {ctx.params[name]}")
+                precision, matmul = built
+        build_dir = build_dir or Path("build") / f"verify-{spec.name}-{path.stem}"
     T = seq_len or min(spec.max_seq_len, 16)
-    rows = run_verify(spec, B=batch, T=T, steps=steps, accum=accum, seed=seed,
-                      build_dir=build_dir, threads=threads, target=target, precision=precision, matmul=matmul)
-    click.echo(format_table(spec, rows, batch, T, target, precision))
+    rows = run_verify(spec, B=batch, T=T, steps=steps, accum=accum, seed=seed, build_dir=build_dir,
+                      threads=threads, target=target, precision=precision, matmul=matmul, trainer=trainer,
+                      cflags=cflags)
+    click.echo(format_table(spec, rows, batch, T, target, precision, trainer))
     if not all(r.ok for r in rows):
         raise SystemExit(1)
 

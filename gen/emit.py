@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import dataclasses
 import re
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,11 @@ def _file_name(name: str) -> str:
     name as it is, any other (a newline would end the comment, a backslash continue it) as
     Python's ascii() writes it, quoted, with every character past printable ASCII escaped."""
     return name if _PLAIN_NAME.fullmatch(name) else ascii(name)
+
+
+# The header line after which an emitted trainer holds its spec, one TOML line per comment
+# line indented by two spaces: `llmgen verify --trainer` reads it back (verify.spec_in_header).
+SPEC_MARKER = "The spec it was generated from (llmgen verify --trainer reads it back from here):"
 
 
 def origin(spec: Spec) -> str:
@@ -199,6 +205,8 @@ def _common_context(spec: Spec, program: str) -> dict:
         "version": __version__,
         "origin": origin(spec),
         "spec": spec,
+        "spec_marker": SPEC_MARKER,
+        "spec_lines": spec.to_toml().splitlines(),
         "program": program,
         "n_params": num_params(spec),
         "params": [_param(p, spec) for p in params],
@@ -572,7 +580,9 @@ def make(out_dir: str | Path, target: str = "train_gpt2", cc: str = "gcc", varia
     """Run the emitted Makefile; a failed build is reported with the compiler's output."""
     out_dir = Path(out_dir)
     args = [f"{k}={v}" for k, v in (variables or {}).items()]
-    result = subprocess.run(["make", "-s", target, f"CC={cc}", *args], cwd=out_dir, capture_output=True, text=True)
+    env = {**os.environ, "LC_ALL": "C"}  # the compiler's messages in ASCII, as llmgen quotes them
+    result = subprocess.run(["make", "-s", target, f"CC={cc}", *args], cwd=out_dir, capture_output=True, text=True,
+                            env=env)
     if result.returncode != 0:
         raise LlmgenError(f"{out_dir}: make {target} failed:\n{result.stdout}{result.stderr}")
     return out_dir / target

@@ -439,9 +439,13 @@ def forward(spec, params, tokens, targets=None):
     return logits, loss, cache
 
 
-def backward(spec, params, cache, dloss=1.0):
+def backward(spec, params, cache, dloss=1.0, record=None):
     """Gradients of dloss * (mean loss over B*T) wrt every param, by hand, layer by layer in
-    reverse.  Needs a cache from forward() called with targets.  Returns a dict like params."""
+    reverse.  Needs a cache from forward() called with targets.  Returns a dict like params.
+    With a dict `record`, also the gradients of the activations that the C trainer keeps one
+    for (tensors.activations with grad), by name, per-layer ones stacked (L,B,T,...): qkv's
+    is the matmul output's (after rope's backward), residual2's and residual3's the total
+    over both of their uses."""
     targets = cache["targets"]
     if targets is None:
         raise ValueError("backward needs a forward pass with targets")
@@ -472,20 +476,24 @@ def backward(spec, params, cache, dloss=1.0):
     dresidual, grads["lnfw"], dlnfb = _norm_backward(spec, dlnf, last, p["lnfw"], stat("lnf_mean"), cache["lnf_rstd"])
     if dlnfb is not None:
         grads["lnfb"] = dlnfb
+    kept = {name: [None] * L for name in ("residual3", act, "fch", "ln2", "residual2", "atty", "qkv", "ln1")}
 
     for l in reversed(range(L)):
         residual = cache["encoded"] if l == 0 else cache["residual3"][l - 1]
+        kept["residual3"][l] = dresidual
         # residual3 = residual2 + fcproj
         dresidual2, dfcproj = residual_backward(dresidual)
         dhidden, dw, db = matmul_backward(dfcproj, cache[act][l], p["fcprojw"][l], has_bias=spec.bias)
         set_grads(l, fcprojw=dw, fcprojb=db)
         dfch = _mlp_backward(spec, dhidden, cache["fch"][l])
+        kept[act][l], kept["fch"][l] = dhidden, dfch
         dln2, dw, db = matmul_backward(dfch, cache["ln2"][l], p["fcw"][l], has_bias=spec.bias)
         set_grads(l, fcw=dw, fcb=db)
         dres2_ln, dw, db = _norm_backward(spec, dln2, cache["residual2"][l], p["ln2w"][l], stat("ln2_mean", l),
                                           cache["ln2_rstd"][l])
         set_grads(l, ln2w=dw, ln2b=db)
         dresidual2 = dresidual2 + dres2_ln  # residual2 feeds both ln2 and residual3
+        kept["ln2"][l], kept["residual2"][l] = dln2, dresidual2
         # residual2 = residual + attproj
         dresidual, dattproj = residual_backward(dresidual2)
         datty, dw, db = matmul_backward(dattproj, cache["atty"][l], p["attprojw"][l], has_bias=spec.bias)
@@ -494,12 +502,15 @@ def backward(spec, params, cache, dloss=1.0):
         if rope:
             dqkv = rope_backward(dqkv, NH, KVH, spec.rope_theta)
         dln1, dw, db = matmul_backward(dqkv, cache["ln1"][l], p["qkvw"][l], has_bias=spec.bias)
+        kept["atty"][l], kept["qkv"][l], kept["ln1"][l] = datty, dqkv, dln1
         set_grads(l, qkvw=dw, qkvb=db)
         dres_ln, dw, db = _norm_backward(spec, dln1, residual, p["ln1w"][l], stat("ln1_mean", l),
                                          cache["ln1_rstd"][l])
         set_grads(l, ln1w=dw, ln1b=db)
         dresidual = dresidual + dres_ln  # the block input feeds both ln1 and residual2
 
+    if record is not None:
+        record.update({name: np.stack(values) for name, values in kept.items()}, lnf=dlnf, encoded=dresidual)
     if rope:
         np.add.at(grads["wte"], tokens.reshape(-1), dresidual.reshape(-1, dresidual.shape[-1]))
     else:

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import signal
 import subprocess
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import reference as ref
-from .emit import cuda_build, emit, make
+from . import spec as specs
+from .emit import SPEC_MARKER, cuda_build, emit, make
+from .enums import Matmul, Position, Target
 from .errors import LlmgenError
-from .fileio import from_bf16, to_bf16, write_model, write_shard
+from .fileio import from_bf16, read_regular, to_bf16, write_model, write_shard
 from .spec import Spec
-from .tensors import num_params, parameters, unflatten
+from .tensors import activation_name, activations, num_params, numel, parameters, sizes, unflatten
 
 # Tolerances for float32 C against the float64 reference. Seen on gpt2-124m sizes with
 # 2 layers: about 1e-6 forward, 7e-6 for gradients, 3e-7 for losses and norms, and 5e-4
@@ -45,13 +50,22 @@ TOLERANCES = {
 
 @dataclass
 class Row:
-    name: str
+    """One comparison: a tensor (or a slice of one layer) after an operation."""
+    name: str                 # the tensor: ln1, dln1 (an activation's gradient), dln1w (a parameter's)
     error: float
     tol: float
+    phase: str = ""           # forward, backward or optimizer
+    layer: int | None = None  # the block, or None outside the blocks
+    op: str = ""              # the operation that computed it, e.g. "layernorm 2"
 
     @property
     def ok(self) -> bool:
         return bool(np.isfinite(self.error)) and self.error <= self.tol
+
+    @property
+    def where(self) -> str:
+        """e.g. 'backward, layer 0, layernorm 2'."""
+        return ", ".join([self.phase] + ([f"layer {self.layer}"] if self.layer is not None else []) + [self.op])
 
 
 def rel_error(c: np.ndarray, r: np.ndarray) -> float:
@@ -96,22 +110,157 @@ def cuda_device_problem() -> str | None:
     return None if count.value > 0 else "the driver sees no GPU"
 
 
-def build(spec: Spec, out_dir: Path, cc: str = "gcc") -> Path:
+def build(spec: Spec, out_dir: Path, cc: str = "gcc", trainer: Path | None = None,
+          cflags: str | None = None) -> Path:
+    """The C harness (test_gpt2), around the emitted train_gpt2.c or around `trainer`, a copy
+    of it that a user edited."""
     emit(spec, out_dir)
-    return make(out_dir, "test_gpt2", cc)
+    if trainer is not None:
+        use_trainer(trainer, out_dir / "train_gpt2.c")
+    return make_harness(out_dir, "test_gpt2", cc, trainer, {"CFLAGS": cflags} if cflags else None)
 
 
-def build_cuda(spec: Spec, out_dir: Path, precision: str, matmul: str) -> Path:
+def build_cuda(spec: Spec, out_dir: Path, precision: str, matmul: str, trainer: Path | None = None) -> Path:
     """The CUDA harness, its fp32 matmuls exact (no TF32): verify compares with float64 at
     fp32's tolerances."""
     with cuda_build(tf32=False):
         emit(spec, out_dir, "cuda", precision, matmul)
-    return make(out_dir, "test_gpt2cu")
+    if trainer is not None:
+        use_trainer(trainer, out_dir / "train_gpt2.cu")
+    return make_harness(out_dir, "test_gpt2cu", "gcc", trainer)
 
 
+# ---- a trainer the user edited --------------------------------------------------------
+# The #defines of the sizes that the harness and the comparison depend on: an edited trainer
+# must keep those of the spec in its header.
+SIZE_DEFINES = ("NUM_LAYERS", "NUM_HEADS", "CHANNELS", "HEAD_SIZE", "VOCAB_SIZE", "PADDED_VOCAB_SIZE",
+                "MAX_SEQ_LEN", "KV_HEADS", "QKV_CHANNELS", "MLP_HIDDEN", "ROPE_THETA", "NUM_PARAMETER_TENSORS",
+                "NUM_PARAMETERS", "NUM_ACTIVATION_TENSORS")
+DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)[ \t]+([^\s/]+)", re.M)
+HEADER_LINES = 200  # the spec is in the file's opening comment
+
+
+def read_trainer(path: Path) -> str:
+    try:
+        return read_regular(path, "trainer").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LlmgenError(f"{path}: not a C or CUDA source file (not UTF-8 text: {e.reason} at byte {e.start})") \
+            from None
+
+
+def trainer_target(path: Path) -> Target:
+    if path.suffix == ".c":
+        return Target.C
+    if path.suffix == ".cu":
+        return Target.CUDA
+    raise LlmgenError(f"{path}: expected a train_gpt2.c (C) or train_gpt2.cu (CUDA) file, by its suffix")
+
+
+def spec_in_header(path: Path, text: str) -> Spec | None:
+    """The spec an emitted trainer holds in its header (see emit.SPEC_MARKER), None if the
+    file has no such block."""
+    lines = text.splitlines()[:HEADER_LINES]
+    marker = f"// {SPEC_MARKER}"
+    if marker not in lines:
+        return None
+    toml_lines = []
+    for line in lines[lines.index(marker) + 1:]:
+        if not line.startswith("//   "):
+            break
+        toml_lines.append(line[5:])
+    source = f"{path} (the spec in its header)"
+    try:
+        raw = tomllib.loads("\n".join(toml_lines))
+    except tomllib.TOMLDecodeError as e:
+        raise LlmgenError(f"{source}: not valid TOML ({e})") from None
+    return specs.from_dict(raw, source)
+
+
+def cuda_header_build(path: Path, text: str) -> tuple[str, str] | None:
+    """(precision, matmul) as the header of an emitted train_gpt2.cu gives them, or None."""
+    m = re.search(r"^// Precision: (fp32|bf16)\. Matmuls: (cuBLASLt|a tiled shared-memory kernel)\.", text, re.M)
+    if m is None:
+        return None
+    return m.group(1), Matmul.CUBLASLT.value if m.group(2) == "cuBLASLt" else Matmul.TILED.value
+
+
+def trainer_spec(path: Path, given: Spec | None) -> Spec:
+    """The spec to verify an edited trainer against: the one in its header, or `given`
+    (--spec), which must agree with it."""
+    text = read_trainer(path)
+    header = spec_in_header(path, text)
+    if header is None and given is None:
+        raise LlmgenError(f"{path}: no spec in its header (the line '// {SPEC_MARKER}' and the TOML after it, "
+                          "as llmgen emit writes them): give the spec it was generated from with --spec")
+    if header is not None and given is not None and specs.differences(header, given):
+        raise LlmgenError(f"{path}: the spec in its header differs from --spec ({specs.differences(header, given)}): "
+                          "leave --spec out to use the header's")
+    return header if header is not None else given
+
+
+def check_sizes(trainer: Path, text: str, emitted: str) -> None:
+    """The edited trainer must #define the spec's sizes as the emitted file does."""
+    want = {name: value for name, value in DEFINE.findall(emitted) if name in SIZE_DEFINES}
+    have: dict[str, tuple[str, int]] = {}
+    for m in DEFINE.finditer(text):
+        if m.group(1) in want and m.group(1) not in have:
+            have[m.group(1)] = (m.group(2), text.count("\n", 0, m.start()) + 1)
+    for name, value in want.items():
+        if name not in have:
+            raise LlmgenError(f"{trainer}: no #define {name} (the spec gives {value}): the harness needs the "
+                              "sizes of the spec in its header")
+        if have[name][0] != value:
+            raise LlmgenError(f"{trainer}:{have[name][1]}: #define {name} {have[name][0]}, but the spec in its header "
+                              f"gives {value}: to change the sizes, change the spec and emit again")
+
+
+def use_trainer(trainer: Path, dest: Path) -> None:
+    """Put the user's trainer where the harness includes it, after checking its sizes against
+    the file just emitted there."""
+    text = read_trainer(trainer)
+    check_sizes(trainer, text, dest.read_text())
+    dest.write_text(text)
+
+
+COMPILER_ERROR = re.compile(r"^(?P<file>[^\s:()]+)(?::(?P<line>\d+)(?::(?P<col>\d+))?:|\((?P<nvline>\d+)\):)"
+                            r" (?:fatal )?error: (?P<msg>.*)$", re.M)
+
+
+def first_compiler_error(output: str, trainer: Path, build_dir: Path) -> str:
+    """The compiler's first error, placed in the user's file when it is in the trainer."""
+    m = COMPILER_ERROR.search(output)
+    undefined = re.search(r"undefined reference to [`'](\w+)'", output)
+    if m is None and undefined:
+        return (f"the test harness calls {undefined.group(1)}, which {trainer} no longer defines (the harness "
+                "reads the trainer through its TESTING functions)")
+    if m is None:
+        lines = [line for line in output.splitlines() if "error" in line or "undefined reference" in line]
+        return lines[0].strip() if lines else output.strip().splitlines()[-1] if output.strip() else "no output"
+    line = m.group("line") or m.group("nvline")
+    where = f":{line}" + (f":{m.group('col')}" if m.group("col") else "")
+    name = Path(m.group("file")).name
+    if name in ("train_gpt2.c", "train_gpt2.cu"):
+        return f"{trainer}{where}: error: {m.group('msg')}"
+    return f"{build_dir / name}{where} (the test harness): error: {m.group('msg')}"
+
+
+def make_harness(out_dir: Path, target: str, cc: str, trainer: Path | None, variables: dict | None = None) -> Path:
+    if trainer is None:
+        return make(out_dir, target, cc, variables)
+    (out_dir / target).unlink(missing_ok=True)  # the user's copy is always built anew
+    try:
+        return make(out_dir, target, cc, variables)
+    except LlmgenError as e:
+        raise LlmgenError(f"{trainer} does not compile with the test harness: "
+                          f"{first_compiler_error(str(e), trainer, out_dir)}") from None
+
+
+# ---- running the harness ---------------------------------------------------------------
 def run_harness(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: int, steps: int, accum: int,
-                hp: dict, threads: int, version: int = 3) -> dict[str, np.ndarray]:
-    """Run a harness (C or CUDA) on params written as a model checkpoint of the given version."""
+                hp: dict, threads: int, version: int = 3, target: Target = Target.C) -> dict:
+    """Run a harness (C or CUDA) on params written as a model checkpoint of the given version.
+    Returns what it wrote: logits, loss, acts and dacts (dicts of named activations and their
+    gradients, as tensors.activations lists them), grads, train and params."""
     model_path, tokens_path, out_path = work / "model.bin", work / "tokens.bin", work / "out.bin"
     write_model(model_path, spec, params, version)
     write_shard(tokens_path, tokens)
@@ -121,49 +270,161 @@ def run_harness(exe: Path, work: Path, spec: Spec, params, tokens, B: int, T: in
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     result = subprocess.run(args, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise LlmgenError(f"{exe} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
+        how = (f"killed by {signal.Signals(-result.returncode).name}" if result.returncode < 0
+               else f"exit {result.returncode}")
+        raise LlmgenError(f"{exe} failed ({how}):\n{result.stdout}{result.stderr}".rstrip())
     out = np.fromfile(out_path, dtype="<f4")
     n = num_params(spec)
+    acts = activations(spec, target)
+    dims = {**spec.dims, "B": B, "T": T, "CR": min(B * T, spec.classifier_rows)}
     parts, off = {}, 0
 
-    def take(name, count, shape=None):
+    def take(count, shape=None):
         nonlocal off
         a = out[off:off + count]
         off += count
-        parts[name] = a.reshape(shape) if shape else a
+        if a.size != count:
+            raise LlmgenError(f"{out_path}: the harness wrote {out.size} floats, fewer than its layout needs "
+                              f"(the trainer's activations or parameters are no longer those of the spec)")
+        return a.reshape(shape) if shape else a
 
-    take("logits", B * T * spec.padded_vocab_size, (B, T, spec.padded_vocab_size))
-    take("loss", 1)
-    take("grads", n)
-    take("train", 2 * steps, (steps, 2))
-    take("params", n)
+    def named(with_grad: bool) -> dict[str, np.ndarray]:
+        return {a.name: take(numel(a.shape, dims), sizes(a.shape, dims)) for a in acts if a.grad or not with_grad}
+
+    parts["logits"] = take(B * T * spec.padded_vocab_size, (B, T, spec.padded_vocab_size))
+    parts["loss"] = take(1)
+    parts["acts"] = named(False)
+    parts["grads"] = take(n)
+    parts["dacts"] = named(True) if target is Target.C else {}
+    parts["train"] = take(2 * steps, (steps, 2))
+    parts["params"] = take(n)
     if off != out.size:
-        raise LlmgenError(f"{out_path}: harness wrote {out.size} floats, expected {off}")
+        raise LlmgenError(f"{out_path}: the harness wrote {out.size} floats, expected {off} (the trainer's "
+                          "activations or parameters are no longer those of the spec)")
     return parts
+
+
+# ---- the comparison, in the order the data flows --------------------------------------
+def forward_ops(spec: Spec) -> tuple[list, list, list]:
+    """The operations of the forward, each (name, activations it writes): before the blocks,
+    those of each block, after them."""
+    norm, act = spec.norm.value, activation_name(spec)
+    rope = spec.position is Position.ROPE
+    before = [("encoder", ["encoded"])]
+    block = [(f"{norm} 1", ["ln1", "ln1_mean", "ln1_rstd"]),
+             ("qkv + rope" if rope else "qkv", ["qkv"]),
+             ("attention", ["atty", "att_lse"]),
+             ("attproj + residual", ["residual2"]),
+             (f"{norm} 2", ["ln2", "ln2_mean", "ln2_rstd"]),
+             ("fc", ["fch"]),
+             (spec.mlp.value, [act]),
+             ("fcproj + residual", ["residual3"])]
+    after = [(f"final {norm}", ["lnf", "lnf_mean", "lnf_rstd"])]
+    return before, block, after
+
+
+def backward_ops(spec: Spec) -> list:
+    """The operations of one block's backward, in order, each (name, activation gradients
+    it writes, parameters whose gradient it adds to); "input" is the block's input. The
+    gradient of residual2 (and of the block's input) is the residual's copy plus the norm's
+    backward, which adds into it: both are named."""
+    norm, act = spec.norm.value, activation_name(spec)
+    rope = spec.position is Position.ROPE
+    return [("fcproj", [act], ["fcprojw", "fcprojb"]),
+            (spec.mlp.value, ["fch"], []),
+            ("fc", ["ln2"], ["fcw", "fcb"]),
+            (f"{norm} 2 + residual", ["residual2"], ["ln2w", "ln2b"]),
+            ("attproj", ["atty"], ["attprojw", "attprojb"]),
+            ("attention + rope" if rope else "attention", ["qkv"], []),
+            ("qkv", ["ln1"], ["qkvw", "qkvb"]),
+            (f"{norm} 1 + residual", ["input"], ["ln1w", "ln1b"])]
+
+
+def compare(spec: Spec, c: dict, ref_logits, ref_loss, cache: dict, ref_grads: dict, ref_dacts: dict,
+            tol: dict, target: Target) -> list[Row]:
+    """Rows for one forward and backward, in data-flow order: every activation the trainer
+    keeps after the op that writes it, then in the backward every activation gradient and
+    parameter gradient (per layer) after the op that computes it."""
+    L = spec.n_layer
+    kept = {a.name for a in activations(spec, target)}
+    cgrads = unflatten(c["grads"], spec)
+    rows: list[Row] = []
+
+    def fwd(op, names, layer=None):
+        for name in names:
+            if name in kept and name in cache:
+                cv, rv = c["acts"][name], cache[name]
+                if layer is not None:
+                    cv, rv = cv[layer], rv[layer]
+                rows.append(Row(name, rel_error(cv, rv), tol["forward"], "forward", layer, op))
+
+    def bwd(op, dacts, params, layer=None):
+        for name in dacts:
+            if name == "input":  # the block's input: the residual3 before it, or the encoder's output
+                name, at = ("residual3", layer - 1) if layer > 0 else ("encoded", None)
+            elif name == "output":  # the last block's output, into the final norm
+                name, at = "residual3", L - 1
+            else:
+                at = layer
+            if name in c["dacts"]:
+                cv, rv = c["dacts"][name], ref_dacts[name]
+                if at is not None:
+                    cv, rv = cv[at], rv[at]
+                label = f"d{name}" + (f" of layer {at}" if at is not None and at != layer else "")
+                rows.append(Row(label, rel_error(cv, rv), tol["grad"], "backward", layer, op))
+        for name in params:
+            if name in cgrads:
+                cv, rv = cgrads[name], ref_grads[name]
+                if layer is not None:
+                    cv, rv = cv[layer], rv[layer]
+                rows.append(Row(f"d{name}", rel_error(cv, rv), tol["grad"], "backward", layer, op))
+
+    before, block, after = forward_ops(spec)
+    for op, names in before:
+        fwd(op, names)
+    for l in range(L):
+        for op, names in block:
+            fwd(op, names, l)
+    for op, names in after:
+        fwd(op, names)
+    rows.append(Row("logits", rel_error(c["logits"], ref_logits), tol["forward"], "forward", None, "classifier"))
+    rows.append(Row("losses", rel_error(c["acts"]["losses"], cache["losses"]), tol["forward"], "forward", None, "loss"))
+    rows.append(Row("loss", rel_error(c["loss"], [ref_loss]), tol["forward"], "forward", None, "loss"))
+
+    bwd("classifier", ["lnf"], [] if spec.tie_embeddings else ["lm_head"])
+    bwd(f"final {spec.norm.value}", ["output"], ["lnfw", "lnfb"])
+    for l in reversed(range(L)):
+        for op, dacts, params in backward_ops(spec):
+            bwd(op, dacts, params, l)
+    bwd("encoder", [], ["wte", "wpe"])  # (a tied wte's gradient: the classifier's and the encoder's)
+    return rows
 
 
 def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum: int = 2,
            seed: int = 0, build_dir: str | Path | None = None, threads: int = 2, cc: str = "gcc",
-           target: str = "c", precision: str = "fp32", matmul: str = "cublaslt") -> list[Row]:
-    """Build the harness for target "c" or "cuda" and compare what it computes with the reference."""
+           target: str = "c", precision: str = "fp32", matmul: str = "cublaslt",
+           trainer: str | Path | None = None, cflags: str | None = None) -> list[Row]:
+    """Build the harness for target "c" or "cuda" (around `trainer`, an edited copy of the
+    emitted trainer, if given) and compare what it computes with the reference: rows in the
+    order the data flows (see compare), then the optimizer's steps."""
     T = T or min(spec.max_seq_len, 16)
+    target = Target.parse(target, "target")
+    trainer = Path(trainer) if trainer is not None else None
     if T > spec.max_seq_len:
         raise LlmgenError(f"-t {T} is larger than the spec's max_seq_len {spec.max_seq_len}")
-    if target == "cuda":
+    if target is Target.CUDA:
         problem = cuda_device_problem()
         if problem is not None:
-            raise LlmgenError(f"no CUDA device: {problem}")
+            raise LlmgenError(f"no CUDA device: {problem}" + (" (comparing a CUDA trainer needs a GPU)" if trainer else ""))
         build_dir = Path(build_dir or Path("build") / f"verify-{spec.name}-cuda-{precision}-{matmul}")
-        exe = build_cuda(spec, build_dir, precision, matmul)
+        exe = build_cuda(spec, build_dir, precision, matmul, trainer)
         tol = TOLERANCES[precision]
-    elif target == "c":
-        build_dir = Path(build_dir or Path("build") / f"verify-{spec.name}")
-        exe = build(spec, build_dir, cc)
-        tol = TOLERANCES["fp32"]
     else:
-        raise LlmgenError(f"target '{target}': expected c or cuda")
+        build_dir = Path(build_dir or Path("build") / f"verify-{spec.name}")
+        exe = build(spec, build_dir, cc, trainer, cflags)
+        tol = TOLERANCES["fp32"]
     params = verify_params(spec, seed)
-    if target == "cuda" and precision == "bf16":
+    if target is Target.CUDA and precision == "bf16":
         params = {name: round_to_bf16(p) for name, p in params.items()}
     rng = np.random.default_rng(seed + 2)
     n_tokens = steps * accum * B * T + 1
@@ -173,16 +434,14 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
     batches = [(tokens[i * B * T:(i + 1) * B * T].reshape(B, T), tokens[i * B * T + 1:(i + 1) * B * T + 1].reshape(B, T))
                for i in range(steps * accum)]
     logits, loss, cache = ref.forward(spec, p64, *batches[0])
-    grads = ref.backward(spec, p64, cache)
+    dacts: dict[str, np.ndarray] = {}
+    grads = ref.backward(spec, p64, cache, record=dacts)
 
     # a warmup, a cosine decay, weight decay, and a clip that acts on the first steps
     hp = {"lr": 1e-3, "warmup": 2, "final_frac": 0.1, "weight_decay": 0.1,
           "grad_clip": float(np.float32(0.5 * ref.grad_norm(grads)))}
-    c = run_harness(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads)
-    rows = [Row("logits", rel_error(c["logits"], logits), tol["forward"]),
-            Row("loss", rel_error(c["loss"], [loss]), tol["forward"])]
-    cgrads = unflatten(c["grads"], spec)
-    rows += [Row(f"grad {t.name}", rel_error(cgrads[t.name], grads[t.name]), tol["grad"]) for t in parameters(spec)]
+    c = run_harness(exe, build_dir, spec, params, tokens, B, T, steps, accum, hp, threads, target=target)
+    rows = compare(spec, c, logits, loss, cache, grads, dacts, tol, target)
 
     m = {k: np.zeros_like(v) for k, v in p64.items()}
     v = {k: np.zeros_like(v) for k, v in p64.items()}
@@ -193,30 +452,53 @@ def verify(spec: Spec, B: int = 2, T: int | None = None, steps: int = 10, accum:
                                         lr, hp["weight_decay"], hp["grad_clip"])
         losses.append(loss_s)
         norms.append(norm_s)
-    rows.append(Row(f"losses ({steps} steps)", rel_error(c["train"][:, 0], losses), tol["curve"]))
-    rows.append(Row(f"grad norms ({steps} steps)", rel_error(c["train"][:, 1], norms), tol["curve"]))
+    op = f"{steps} AdamW steps"
+    rows.append(Row("losses", rel_error(c["train"][:, 0], losses), tol["curve"], "optimizer", None, op))
+    rows.append(Row("grad norms", rel_error(c["train"][:, 1], norms), tol["curve"], "optimizer", None, op))
     cparams = unflatten(c["params"], spec)
     C = spec.n_embd
     for t in parameters(spec):
         cp, rp = cparams[t.name], p64[t.name]
-        name = f"param {t.name} after {steps} steps"
+        name = t.name
         if t.name == "qkvb":
             # The key bias's gradient is exactly zero (softmax ignores a shift shared by a
             # row of scores), so AdamW turns float rounding noise into updates there.
             KV = spec.kv_head_count * spec.head_size
             cp, rp = np.delete(cp, np.s_[C:C + KV], axis=-1), np.delete(rp, np.s_[C:C + KV], axis=-1)
             name += " (key bias excluded)"
-        rows.append(Row(name, rel_error(cp, rp), tol["params"]))
+        rows.append(Row(name, rel_error(cp, rp), tol["params"], "optimizer", None, op))
     return rows
 
 
-def format_table(spec: Spec, rows: list[Row], B: int, T: int, target: str = "c", precision: str = "fp32") -> str:
+def first_divergence(rows: list[Row]) -> str | None:
+    """The first row outside tolerance, in the order the data flows, as one line; None if
+    every row is within."""
+    i = next((i for i, r in enumerate(rows) if not r.ok), None)
+    if i is None:
+        return None
+    r = rows[i]
+    before = "everything before it matches" if i > 0 else "it is the first comparison"
+    return f"first divergence: {r.where} ({r.name} max rel err {r.error:.1e}, tolerance {r.tol:.0e}); {before}"
+
+
+def format_table(spec: Spec, rows: list[Row], B: int, T: int, target: str = "c", precision: str = "fp32",
+                 trainer: str | Path | None = None) -> str:
+    what = "C (float32)" if Target.parse(target, "target") is Target.C else f"CUDA ({precision})"
+    program = f"{trainer}, {what}," if trainer else f"emitted {what}"
+    op_width = max(len(r.op) for r in rows)
     width = max(len(r.name) for r in rows)
-    what = "C (float32)" if target == "c" else f"CUDA ({precision})"
-    lines = [f"verify {spec.name} (B={B}, T={T}): emitted {what} against the NumPy reference (float64)",
-             f"{'tensor'.ljust(width)}  max rel err  tolerance  result", "-" * (width + 33)]
+    lines = [f"verify {spec.name} (B={B}, T={T}): {program} against the NumPy reference (float64)",
+             f"{'phase':<9}  {'layer':>5}  {'operation'.ljust(op_width)}  {'tensor'.ljust(width)}  "
+             f"max rel err  tolerance  result",
+             "-" * (9 + 7 + op_width + width + 37)]
     for r in rows:
-        lines.append(f"{r.name.ljust(width)}  {r.error:11.3e}  {r.tol:9.0e}  {'ok' if r.ok else 'FAIL'}")
+        layer = "-" if r.layer is None else str(r.layer)
+        lines.append(f"{r.phase:<9}  {layer:>5}  {r.op.ljust(op_width)}  {r.name.ljust(width)}  {r.error:11.3e}  "
+                     f"{r.tol:9.0e}  {'ok' if r.ok else 'FAIL'}")
     bad = [r for r in rows if not r.ok]
-    lines.append(f"{len(bad)} of {len(rows)} outside tolerance" if bad else f"all {len(rows)} within tolerance")
+    if not bad:
+        lines.append(f"all {len(rows)} within tolerance")
+    else:
+        lines.append(f"{len(bad)} of {len(rows)} outside tolerance")
+        lines.append(first_divergence(rows))
     return "\n".join(lines)

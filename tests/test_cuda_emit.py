@@ -260,7 +260,7 @@ def test_tf32_is_an_emit_choice_for_fp32_cublaslt_and_verify_builds_without(tmp_
     out = tmp_path / "cli"
     assert llmgen("emit", "--spec", "test-odd", "--target", "cuda", "--no-tf32", "-o", out).returncode == 0
     assert (out / "train_gpt2.cu").read_text() == exact
-    monkeypatch.setattr(v, "make", lambda out_dir, target: out_dir / target)
+    monkeypatch.setattr(v, "make", lambda out_dir, target, *args: out_dir / target)
     v.build_cuda(spec, tmp_path / "verify", "fp32", "cublaslt")
     assert (tmp_path / "verify" / "train_gpt2.cu").read_text() == exact
     assert render(spec, "cuda", "fp32")["train_gpt2.cu"] == default  # the choice lasted only as long as the build

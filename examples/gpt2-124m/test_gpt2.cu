@@ -3,9 +3,10 @@
 // Test harness for train_gpt2.cu, driven by `llmgen verify --target cuda`: it includes the
 // trainer with TESTING defined (so without its main), runs it on a given model and token
 // shard, and writes what it computed for the NumPy reference to compare, as float32 in this
-// order: the logits (B,T,Vp) of a forward; the loss of a forward with targets and every
-// parameter gradient of one backward; then the loss and gradient norm of each of `steps`
-// AdamW steps; then the parameters (the fp32 master weights).
+// order: the logits (B,T,Vp) of a forward; the loss of a forward with targets and its
+// activations (each tensor of ActivationTensors as float); every parameter gradient of one
+// backward; then the loss and gradient norm of each of `steps` AdamW steps; then the
+// parameters (the fp32 master weights).
 #define TESTING
 #include "train_gpt2.cu"
 
@@ -103,11 +104,13 @@ int main(int argc, char** argv) {
     // the loss of a forward with targets, then one backward on the same batch
     gpt2_forward(&model, loader.inputs, loader.targets, B, T);
     fwrite_check(&model.mean_loss, sizeof(float), 1, out, out_path);
+    gpt2_write_activations(&model, out, out_path);
     gpt2_forward(&model, loader.inputs, NULL, B, T);
     gpt2_zero_grad(&model);
     gpt2_backward(&model, loader.targets, 1.0f / ((float)B * T), B, T);
     gpt2_get_gradients(&model, host);
     fwrite_check(host, sizeof(float), NUM_PARAMETERS, out, out_path);
+    gpt2_write_activation_grads(&model, out, out_path);
 
     // training steps from the start of the data
     dataloader_seek(&loader, 0, 0);

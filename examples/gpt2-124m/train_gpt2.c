@@ -13,6 +13,15 @@
 // Gradients. gpt2_zero_grad zeroes the parameter gradients and every backward function adds
 // (+=) into them, so micro-batches accumulate. Activation gradients are written (=), except
 // the residual stream's, which the layernorms add into.
+//
+// The spec it was generated from (llmgen verify --trainer reads it back from here):
+//   name = "gpt2-124m"
+//   layers = 12
+//   heads = 12
+//   channels = 768
+//   vocab_size = 50257
+//   padded_vocab_size = 50304
+//   max_seq_len = 1024
 #define _GNU_SOURCE
 #include <errno.h>
 #include <float.h>
@@ -1168,11 +1177,12 @@ typedef struct {
     float* acts_memory;
     ActivationTensors grads_acts;   // those of acts with act_has_grad (the others NULL)
     float* grads_acts_memory;
-    size_t num_activations; // floats in acts_memory
-    int B, T;               // the largest batch the activations hold
-    int* inputs;            // (B,T) token ids of the last forward
-    float* logits_row;      // (Vp) one row of logits, for the sampler
-    float mean_loss;        // mean of the losses after a forward or backward with targets, else -1
+    size_t num_activations;      // floats in acts_memory
+    size_t num_grad_activations; // floats in grads_acts_memory
+    int B, T;                    // the largest batch the activations hold
+    int* inputs;                 // (B,T) token ids of the last forward
+    float* logits_row;           // (Vp) one row of logits, for the sampler
+    float mean_loss;             // mean of the losses after a forward or backward with targets, else -1
 } GPT2;
 
 // Allocate everything for batches of up to B x T tokens; the parameters are left for
@@ -1195,6 +1205,7 @@ static void gpt2_alloc(GPT2* model, int B, int T) {
     }
     model->acts_memory = calloc_check(model->num_activations, sizeof(float));
     model->grads_acts_memory = calloc_check(num_grads, sizeof(float));
+    model->num_grad_activations = num_grads;
     point_activations(&model->acts, model->acts_memory, sizes);
     point_activations(&model->grads_acts, model->grads_acts_memory, grad_sizes);
     model->inputs = calloc_check((size_t)B * T, sizeof(int));
@@ -1466,6 +1477,16 @@ static void gpt2_get_parameters(const GPT2* model, float* values) {
 
 static void gpt2_get_gradients(const GPT2* model, float* values) {
     memcpy(values, model->grads_memory, NUM_PARAMETERS * sizeof(float));
+}
+
+// And the activations of the last forward (acts_memory, in the order of ActivationTensors),
+// then after a backward their gradients (grads_acts_memory), written to out as they are.
+static void gpt2_write_activations(const GPT2* model, FILE* out, const char* path) {
+    fwrite_check(model->acts_memory, sizeof(float), model->num_activations, out, path);
+}
+
+static void gpt2_write_activation_grads(const GPT2* model, FILE* out, const char* path) {
+    fwrite_check(model->grads_acts_memory, sizeof(float), model->num_grad_activations, out, path);
 }
 #endif
 

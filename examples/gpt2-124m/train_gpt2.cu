@@ -17,6 +17,15 @@
 // Gradients. gpt2_zero_grad zeroes the parameter gradients (fp32) and every backward kernel
 // adds (+=) into them, so micro-batches accumulate. Activation gradients are written (=),
 // except the residual stream's, which the layernorms add into.
+//
+// The spec it was generated from (llmgen verify --trainer reads it back from here):
+//   name = "gpt2-124m"
+//   layers = 12
+//   heads = 12
+//   channels = 768
+//   vocab_size = 50257
+//   padded_vocab_size = 50304
+//   max_seq_len = 1024
 #include <errno.h>
 #include <float.h>
 #include <glob.h>
@@ -2193,6 +2202,55 @@ static const float* gpt2_logits_row(GPT2* model, int n) {
 // For the test harness: the parameter gradients (NUM_PARAMETERS fp32 values) on the host.
 static void gpt2_get_gradients(const GPT2* model, float* values) {
     cudaCheck(cudaMemcpy(values, model->grads_memory, NUM_PARAMETERS * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+// n values of a device buffer written to out as float, through the host in chunks; fp32: the
+// buffer holds floats, else floatX.
+static void write_device_floats(FILE* out, const char* path, const void* src, size_t n, int fp32) {
+    static floatX staged[1 << 16];
+    static float values[1 << 16];
+    const size_t chunk = 1 << 16;
+    for (size_t at = 0; at < n; at += chunk) {
+        size_t count = n - at < chunk ? n - at : chunk;
+        if (fp32) {
+            cudaCheck(cudaMemcpy(values, (const float*)src + at, count * sizeof(float), cudaMemcpyDeviceToHost));
+        } else {
+            cudaCheck(cudaMemcpy(staged, (const floatX*)src + at, count * sizeof(floatX), cudaMemcpyDeviceToHost));
+            for (size_t i = 0; i < count; i++) { values[i] = host_float(staged[i]); }
+        }
+        fwrite_check(values, sizeof(float), count, out, path);
+    }
+}
+
+// And the activations of the last forward, in the order of ActivationTensors, as float (at
+// the allocated batch, which the harness runs). The backward keeps no activation gradients to
+// write: it reuses dresidual, dscratch and dscratch4 layer after layer.
+static void gpt2_write_activations(const GPT2* model, FILE* out, const char* path) {
+    const int B = model->B, T = model->T;
+    const ActivationTensors* a = &model->acts;
+    write_device_floats(out, path, a->encoded, (size_t)B * T * CHANNELS, 0);
+    write_device_floats(out, path, a->ln1, (size_t)NUM_LAYERS * B * T * CHANNELS, 0);
+    write_device_floats(out, path, a->ln1_mean, (size_t)NUM_LAYERS * B * T, 1);
+    write_device_floats(out, path, a->ln1_rstd, (size_t)NUM_LAYERS * B * T, 1);
+    write_device_floats(out, path, a->qkv, (size_t)NUM_LAYERS * B * T * 3 * CHANNELS, 0);
+    write_device_floats(out, path, a->atty, (size_t)NUM_LAYERS * B * T * CHANNELS, 0);
+    write_device_floats(out, path, a->att_lse, (size_t)NUM_LAYERS * B * NUM_HEADS * T, 1);
+    write_device_floats(out, path, a->residual2, (size_t)NUM_LAYERS * B * T * CHANNELS, 0);
+    write_device_floats(out, path, a->ln2, (size_t)NUM_LAYERS * B * T * CHANNELS, 0);
+    write_device_floats(out, path, a->ln2_mean, (size_t)NUM_LAYERS * B * T, 1);
+    write_device_floats(out, path, a->ln2_rstd, (size_t)NUM_LAYERS * B * T, 1);
+    write_device_floats(out, path, a->fch, (size_t)NUM_LAYERS * B * T * 4 * CHANNELS, 0);
+    write_device_floats(out, path, a->fch_gelu, (size_t)NUM_LAYERS * B * T * 4 * CHANNELS, 0);
+    write_device_floats(out, path, a->residual3, (size_t)NUM_LAYERS * B * T * CHANNELS, 0);
+    write_device_floats(out, path, a->lnf, (size_t)B * T * CHANNELS, 0);
+    write_device_floats(out, path, a->lnf_mean, (size_t)B * T, 1);
+    write_device_floats(out, path, a->lnf_rstd, (size_t)B * T, 1);
+    write_device_floats(out, path, a->logits, (size_t)B * T * PADDED_VOCAB_SIZE, 0);
+    write_device_floats(out, path, a->losses, (size_t)B * T, 1);
+}
+
+static void gpt2_write_activation_grads(const GPT2* model, FILE* out, const char* path) {
+    (void)model, (void)out, (void)path;
 }
 #endif
 
