@@ -40,7 +40,7 @@ def layers(spec: Spec) -> tuple[str, ...]:
 FUZZERS = ("fuzz_model", "fuzz_state", "fuzz_shard", "fuzz_tokenizer")
 # The CUDA kernel templates under templates/cuda/layers/, in file order.
 CUDA_LAYERS = ("common", "reduce", "encoder", "layernorm", "gelu", "residual", "matmul", "attention",
-               "classifier", "adamw", "norm")
+               "classifier", "adamw", "norm", "decode")
 
 
 def _refs(tensors: list[dict], form: str) -> str:
@@ -357,6 +357,31 @@ def attention_lanes(spec: Spec) -> tuple[int, int, int, int]:
     return lanes, slice_, rows, key_rows
 
 
+def decode_shapes(spec: Spec, precision: Precision | str = Precision.FP32) -> dict:
+    """Launch shapes of the generation kernels (cuda/layers/decode.cu.j2), which run one new
+    position of every sample against the cache of keys and values.
+
+    vec: floatX per load, 16 bytes' worth (8 bf16, 4 fp32) where HEAD_SIZE is a multiple of
+      it: then C, 4C and every parameter tensor's offset are too (they are multiples of C),
+      so each row the kernels read (a weight row, an input row, a cached key) starts 16-byte
+      aligned; else 1.
+    matvec: a warp per output channel (its weight row is read once, for every sample), 4
+      warps a block, so that even C = 768 outputs make 192 blocks, more than the SMs of an
+      H100 (132); 8 samples summed per pass over the row (8 sums per thread).
+    attention: a block of `threads` threads per (sample, head, chunk of `threads` keys): one key
+      a thread for the scores, then `groups` groups of HEAD_SIZE threads sum the values.
+      Contexts longer than a chunk split over several blocks (flash decoding), whose partial
+      softmax sums a second kernel combines, so that a long context still fills the GPU.
+    """
+    HS = spec.head_size
+    per_load = 16 // (2 if Precision.parse(precision, "precision") is Precision.BF16 else 4)
+    threads = max(128, -(-HS // 32) * 32)
+    if threads > 1024:
+        raise AssertionError(f"head size {HS} exceeds a block of the attention over the cache")
+    return {"vec": per_load if HS % per_load == 0 else 1, "per_load": per_load, "matvec_warps": 4, "matvec_rows": 8,
+            "threads": threads, "chunk": threads, "groups": threads // HS}
+
+
 def kernel_constants(spec: Spec, precision: Precision | str = Precision.FP32) -> list[tuple[str, int, str]]:
     """Launch shapes of the CUDA kernels, with the reason for each, printed as #defines;
     the PyCUDA tests launch with them too (kernel_values). The attention's depend on the
@@ -395,6 +420,24 @@ def kernel_constants(spec: Spec, precision: Precision | str = Precision.FP32) ->
             ("FLASH_STRIDE", flash["stride"], "shared-memory row: HEAD_SIZE + 8 bf16, so that the 8 rows of a "
                                               "fragment load fall in different banks"),
         ]
+    d = decode_shapes(spec, precision)
+    vec_doc = (f"generation: floatX per load, 16 bytes (HEAD_SIZE {spec.head_size} is a multiple of {d['vec']}: "
+               "every row read starts 16-byte aligned)" if d["vec"] > 1 else
+               f"generation: floatX per load, one (HEAD_SIZE {spec.head_size} is not a multiple of "
+               f"{d['per_load']}, so rows are not all 16-byte aligned)")
+    constants += [
+        ("DECODE_VEC", d["vec"], vec_doc),
+        ("MATVEC_WARPS", d["matvec_warps"], "matrix-vector products: warps per block, one output channel each "
+                                            f"(C = {spec.n_embd} outputs: {-(-spec.n_embd // d['matvec_warps'])} "
+                                            "blocks)"),
+        ("MATVEC_ROWS", d["matvec_rows"], "matrix-vector products: samples summed per pass over a weight row "
+                                          "(a sum each per thread)"),
+        ("DECODE_THREADS", d["threads"], "attention over the cache: threads per block, at least HEAD_SIZE"),
+        ("DECODE_CHUNK", d["chunk"], "attention over the cache: keys per block, one per thread for the scores; "
+                                     "a longer context takes several blocks"),
+        ("DECODE_GROUPS", d["groups"], "attention over the cache: groups of HEAD_SIZE threads that sum the values, "
+                                       "DECODE_THREADS / HEAD_SIZE"),
+    ]
     return constants
 
 
@@ -442,6 +485,8 @@ def cuda_context(spec: Spec, precision: Precision | str = Precision.FP32, matmul
         "default_T": spec.max_seq_len,
     })
     ctx["device_buffers"] = device_buffers(spec, bf16, cublaslt, act_list)
+    ctx["kvcache_buffers"] = kvcache_buffers(spec, bf16)
+    ctx["decode"] = decode_shapes(spec, precision)
     return ctx
 
 
@@ -510,6 +555,45 @@ def device_buffers(spec: Spec, bf16: bool, cublaslt: bool, acts: tuple[Act, ...]
         add_fixed("cublaslt_workspace", "CUBLASLT_WORKSPACE_SIZE", CUBLASLT_WORKSPACE, "cuBLASLt's workspace",
                   "cuBLASLt workspace", f"({CUBLASLT_WORKSPACE >> 20} MiB)")
     return out
+
+
+def kvcache_buffers(spec: Spec, bf16: bool) -> list[dict]:
+    """The device buffers of the CUDA trainer's cache of keys and values, in the order
+    kvcache_alloc makes them (its table kvcache_buffers): allocated only while it samples, for
+    `rows` samples and a window of `window` positions. Each: the pointer it sets, a C
+    expression for its bytes (of rows, window and chunks, the attention's blocks of keys at the
+    longest context), what it holds, a shape comment, and `bytes`, a function of (rows, window)."""
+    x = 2 if bf16 else 4
+    C, L, NH, HS, Vp = spec.n_embd, spec.n_layer, spec.n_head, spec.head_size, spec.padded_vocab_size
+    chunk = decode_shapes(spec, "bf16" if bf16 else "fp32")["chunk"]
+    out = []
+
+    def add(pointer, size, ctype, what, doc, nbytes):
+        out.append({"pointer": f"c->{pointer}", "size": f"{size} * sizeof({ctype})", "what": what, "doc": doc,
+                    "bytes": nbytes})
+
+    kv = "(size_t)NUM_LAYERS * rows * NUM_HEADS * window * HEAD_SIZE"
+    add("keys", kv, "floatX", "the cache of keys", "(L,rows,NH,window,HS)", lambda r, w: L * r * NH * w * HS * x)
+    add("values", kv, "floatX", "the cache of values", "(L,rows,NH,window,HS)", lambda r, w: L * r * NH * w * HS * x)
+    add("x", "(size_t)rows * CHANNELS", "floatX", "generation", "(rows,C)", lambda r, w: r * C * x)
+    add("xn", "(size_t)rows * CHANNELS", "floatX", "generation", "(rows,C)", lambda r, w: r * C * x)
+    add("ln_mean", "(size_t)rows", "float", "generation", "(rows)", lambda r, w: r * 4)
+    add("ln_rstd", "(size_t)rows", "float", "generation", "(rows)", lambda r, w: r * 4)
+    add("qkv", "(size_t)rows * 3 * CHANNELS", "floatX", "generation", "(rows,3C)", lambda r, w: r * 3 * C * x)
+    add("att", "(size_t)rows * CHANNELS", "floatX", "generation", "(rows,C)", lambda r, w: r * C * x)
+    add("fch_gelu", "(size_t)rows * 4 * CHANNELS", "floatX", "generation", "(rows,4C)", lambda r, w: r * 4 * C * x)
+    add("att_partial", "(size_t)rows * NUM_HEADS * chunks * (HEAD_SIZE + 2)", "float", "generation",
+        "(rows,NH,chunks,HS+2)", lambda r, w: r * NH * -(-w // chunk) * (HS + 2) * 4)
+    add("logits", "(size_t)rows * PADDED_VOCAB_SIZE", "floatX", "generation", "(rows,Vp)", lambda r, w: r * Vp * x)
+    add("tokens_gpu", "(size_t)rows", "int", "generation", "(rows)", lambda r, w: r * 4)
+    return out
+
+
+def kvcache_memory(spec: Spec, rows: int, window: int, precision: Precision | str = Precision.FP32) -> int:
+    """Bytes the CUDA trainer allocates on the device while it samples `rows` samples over a
+    window of `window` positions (on top of device_memory's)."""
+    bf16 = Precision.parse(precision, "precision") is Precision.BF16
+    return sum(b["bytes"](rows, window) for b in kvcache_buffers(spec, bf16))
 
 
 def device_memory(spec: Spec, B: int, T: int, precision: Precision | str = Precision.FP32,

@@ -11,7 +11,8 @@
 #      device memory (nvidia-smi) and the trainer's own figure against `llmgen info`; a
 #      cuBLASLt fallback note, a non-finite loss or a figure that disagrees is a failure
 #   5. compute-sanitizer memcheck of a few steps of a small bf16 trainer, where it runs
-#   6. step 4 at B=64, then the other gpu-marked tests (tests/test_cuda_verify.py), as time allows
+#   6. step 4 at B=64, then the other gpu-marked tests (tests/test_cuda_generate.py: generation
+#      with the cache and its speed; tests/test_cuda_verify.py), as time allows
 # It writes two files into the output folder (the first argument, else $OUT, else
 # build/gpu-check): summary.txt, the table it prints last, and logs.tar.gz, every log.
 # Exit status: 0 all reached checks passed, 1 a check failed, 2 no GPU (nothing checked).
@@ -235,10 +236,13 @@ fi
 bench 64 12 20
 t=$(budget 150 15)
 if [ "$t" -gt 0 ]; then
-    timeout "$t" python3 -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_cuda_verify.py >"$LOGS/pytest-gpu-verify.log" 2>&1
+    timeout "$t" python3 -m pytest -q -rfEs -p no:cacheprovider -m gpu tests/test_cuda_generate.py tests/test_cuda_verify.py \
+        >"$LOGS/pytest-gpu-verify.log" 2>&1
     rc=$?
     summary=$(grep -E "passed|failed|error" "$LOGS/pytest-gpu-verify.log" | tail -1)
-    if [ $rc = 0 ]; then row "gpu tests: test_cuda_verify.py" ok "$summary"; else
-        row "gpu tests: test_cuda_verify.py" FAIL "${summary:-timed out after $t s} (exit $rc)"; fi
-else row "gpu tests: test_cuda_verify.py" skip "out of time"; fi
+    if [ $rc = 0 ]; then row "gpu tests: generate, verify" ok "$summary"; else
+        row "gpu tests: generate, verify" FAIL "${summary:-timed out after $t s} (exit $rc)"; fi
+    speed=$(grep -m1 -o "gpt2-124m bf16, batch 1, 512 tokens: .*" "$LOGS/pytest-gpu-verify.log")
+    if [ -n "$speed" ]; then row "  generation speed" info "$speed"; fi
+else row "gpu tests: generate, verify" skip "out of time"; fi
 finish

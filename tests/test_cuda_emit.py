@@ -24,7 +24,9 @@ COMMON_KERNELS = ["encoder_forward_kernel", "encoder_backward_wpe_kernel", "enco
                   "layernorm_forward_kernel", "layernorm_backward_kernel", "layernorm_param_grads_partial_kernel",
                   "bias_backward_partial_kernel", "column_sum_finish_kernel", "matmul_tiled_kernel",
                   "attention_backward_delta_kernel", "gelu_forward_kernel", "gelu_backward_kernel",
-                  "residual_forward_kernel", "classifier_kernel", "adamw_kernel", "grad_norm_partial_kernel"]
+                  "residual_forward_kernel", "classifier_kernel", "adamw_kernel", "grad_norm_partial_kernel",
+                  "matvec_forward_kernel", "kvcache_fill_kernel", "attention_decode_kernel",
+                  "attention_decode_combine_kernel"]
 SIMPLE_ATTENTION = ["attention_forward_kernel", "attention_backward_dq_kernel", "attention_backward_dkdv_kernel"]
 FLASH_ATTENTION = ["flash_forward_kernel", "flash_backward_dq_kernel", "flash_backward_dkdv_kernel"]
 

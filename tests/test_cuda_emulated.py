@@ -557,13 +557,32 @@ MUTATIONS = {
 }
 
 
+# The same for the generation kernels, each with the one test that must fail.
+DECODE_MUTATIONS = {
+    "no barrier after the attention over the cache loads q": ("test_attention_decode and 300-64-bf16", [
+        ("    __syncthreads();\n    float m = -INFINITY;", "    float m = -INFINITY;")]),
+    "a chunk's keys off by one": ("test_attention_decode and 300-64-bf16", [
+        ("const floatX* k = k_rh + (size_t)(first + j) * HEAD_SIZE;",
+         "const floatX* k = k_rh + (size_t)(first + j + 1) * HEAD_SIZE;")]),
+    "the chunks combined without their weights": ("test_attention_decode and 300-64-bf16", [
+        ("l += w * chunk[1];", "l += chunk[1];")]),
+    "the new key not written to the cache": ("test_attention_decode and 17-64-bf16", [
+        ("if (blockIdx.x == gridDim.x - 1) {  // the chunk of position t", "if (blockIdx.x == gridDim.x) {")]),
+    "the matrix-vector product's second pass over the rows skipped": ("test_matvec_forward_long_rows and 64-bf16", [
+        ("for (int r0 = 0; r0 < R; r0 += MATVEC_ROWS) {", "for (int r0 = 0; r0 < MATVEC_ROWS; r0 += MATVEC_ROWS) {")]),
+}
+CASES = {**{what: ("test_attention_head_sizes and 300-64-bf16", m) for what, m in MUTATIONS.items()},
+         **DECODE_MUTATIONS}
+
+
 @needs_cxx
-@pytest.mark.parametrize("what", sorted(MUTATIONS))
+@pytest.mark.parametrize("what", sorted(CASES))
 def test_the_emulator_catches(tmp_path, what):
     from llmgen import spec as specs
     from llmgen.emit import render_kernels
     src = render_kernels(specs.load("test-odd").with_overrides(channels=128, heads=2, max_seq_len=320), "bf16")
-    for old, new in MUTATIONS[what]:
+    selection, mutation = CASES[what]
+    for old, new in mutation:
         assert src.count(old) == 1, (what, old)  # the mutation still applies to today's kernels
-    result = run_kernel_tests(tmp_path, "-k", "test_attention_head_sizes and 300-64-bf16", mutation=MUTATIONS[what])
+    result = run_kernel_tests(tmp_path, "-k", selection, mutation=mutation)
     assert outcome(result).get("failed") == 1, result.stdout[-3000:] + result.stderr[-2000:]

@@ -34,16 +34,24 @@ PROBE = r"""
 extern "C" void fake_cublaslt_report(void);
 
 // memory B T: the bytes of every device buffer gpt2_alloc allocates, and their sum
+// kvcache rows window: the same for the cache of keys and values kvcache_alloc allocates
 // matmuls M,N,K ...: one cublaslt_matmul of each shape (a forward with bias), with fake,
 // 256-byte aligned device pointers (nothing reads them)
 int main(int argc, char** argv) {
-    if (argc >= 4 && strcmp(argv[1], "memory") == 0) {
+    if (argc >= 4 && (strcmp(argv[1], "memory") == 0 || strcmp(argv[1], "kvcache") == 0)) {
         GPT2 model;
+        KVCache cache;
         memset(&model, 0, sizeof(model));
-        DeviceBuffer buffers[NUM_DEVICE_BUFFERS];
-        device_buffers(buffers, &model, atoi(argv[2]), atoi(argv[3]));
+        memset(&cache, 0, sizeof(cache));
+        DeviceBuffer buffers[NUM_DEVICE_BUFFERS + NUM_KVCACHE_BUFFERS];
+        int n = argv[1][0] == 'm' ? NUM_DEVICE_BUFFERS : NUM_KVCACHE_BUFFERS;
+        if (n == NUM_DEVICE_BUFFERS) {
+            device_buffers(buffers, &model, atoi(argv[2]), atoi(argv[3]));
+        } else {
+            kvcache_buffers(buffers, &cache, atoi(argv[2]), atoi(argv[3]));
+        }
         size_t total = 0;
-        for (int i = 0; i < NUM_DEVICE_BUFFERS; i++) {
+        for (int i = 0; i < n; i++) {
             printf("buffer %zu %s\n", buffers[i].bytes, buffers[i].what);
             total += buffers[i].bytes;
         }
@@ -202,6 +210,29 @@ def test_the_trainer_allocates_what_info_says(probes, variant, B, T):
         assert total == sum(b for _, b in device_memory(specs.load("gpt2-124m"), B, T, precision))
 
 
+@pytest.mark.parametrize("variant", ["bf16", "fp32"])
+@pytest.mark.parametrize("rows, window", [(1, 1024), (3, 17), (2, 129)])
+def test_the_cache_of_keys_and_values_allocates_what_it_says(probes, variant, rows, window):
+    """kvcache_alloc's table against emit.kvcache_memory: the keys and values (L, rows, NH,
+    window, HS) in floatX, the attention's partial sums for ceil(window / DECODE_CHUNK)
+    chunks, and one position's activations."""
+    from llmgen.emit import kvcache_memory
+    precision = VARIANTS[variant][0]
+    result = run(probes[variant], "kvcache", rows, window)
+    assert result.returncode == 0, result.stderr
+    total = int(re.search(r"^total (\d+)$", result.stdout, re.M).group(1))
+    spec = specs.load("gpt2-124m")
+    assert total == kvcache_memory(spec, rows, window, precision)
+    x = 2 if precision == "bf16" else 4
+    kv = 2 * 12 * rows * 12 * window * 64 * x
+    assert ("buffer %d the cache of keys\n" % (kv // 2)) in result.stdout
+    chunks = -(-window // 128)
+    rest = rows * (768 * (1 + 1 + 3 + 1 + 4) * x + 2 * 4 + 12 * chunks * 66 * 4 + 50304 * x + 4)
+    assert total == kv + rest
+    if (rows, window) == (1, 1024) and precision == "bf16":
+        assert kv == 37_748_736  # 36 MiB a sample at gpt2-124m's whole context
+
+
 def test_info_lists_every_kind_of_device_memory():
     result = llmgen("info", "--spec", "gpt2-124m", "--target", "cuda", "--precision", "bf16", "-b", 64, "-t", 1024)
     assert result.returncode == 0, result.stderr
@@ -222,16 +253,21 @@ def test_info_lists_every_kind_of_device_memory():
 
 
 def test_no_device_memory_outside_the_table():
-    """gpt2_alloc allocates every device buffer from device_buffers, and nothing else calls
-    cudaMalloc: so the table's sum is all the trainer allocates (and prints as it starts)."""
+    """gpt2_alloc allocates every device buffer from device_buffers, kvcache_alloc (only while
+    sampling) from kvcache_buffers, and nothing else calls cudaMalloc: so the first table's sum
+    is all the trainer allocates outside sampling (and prints as it starts)."""
     from llmgen.emit import render
     for precision in ("fp32", "bf16"):
         for matmul in ("cublaslt", "tiled"):
             src = render(specs.load("gpt2-124m"), "cuda", precision, matmul)["train_gpt2.cu"]
             assert src.count("cudaMalloc(") == 1 and "cudaMalloc(&p, bytes)" in src  # in gpu_malloc
             calls = [line.strip() for line in src.splitlines() if "gpu_malloc(" in line and "static void* gpu_malloc" not in line]
-            assert calls == ["for (int i = 0; i < NUM_DEVICE_BUFFERS; i++) { *buffers[i].ptr = gpu_malloc(buffers[i].bytes, "
-                             "buffers[i].what); }"], calls
+            assert calls == [f"for (int i = 0; i < {n}; i++) {{ *buffers[i].ptr = gpu_malloc(buffers[i].bytes, "
+                             "buffers[i].what); }" for n in ("NUM_DEVICE_BUFFERS", "NUM_KVCACHE_BUFFERS")], calls
+            assert src.index("gpu_malloc(buffers[i].bytes") > src.index("static void gpt2_alloc(")
+            assert src.rindex("gpu_malloc(buffers[i].bytes") > src.index("static void kvcache_alloc(")
+            # the cache gives back what it took
+            assert "cudaCheck(cudaFree(*buffers[i].ptr));\n        gpu_bytes_allocated -= buffers[i].bytes;" in src
             table = src.split("DeviceBuffer list[NUM_DEVICE_BUFFERS] = {\n")[1].split("};")[0]
             entries = re.findall(r"^\s*\{\(void\*\*\)&(\S+), (.+), \"(.+)\"\},", table, re.M)
             assert len(entries) == int(re.search(r"#define NUM_DEVICE_BUFFERS (\d+)", src).group(1))

@@ -389,6 +389,126 @@ def test_attention_head_sizes(precision, head_size, T_):
     run_attention(g, T_, 20 + head_size)
 
 
+# ---- generation: matrix-vector products, the cache of keys and values, attention over it --
+# A head size of 20 as well: in bf16 it is not a multiple of 8, so the generation kernels load
+# one element at a time (DECODE_VEC 1) instead of 16 bytes.
+DECODE_HEADS = {**HEADS, 20: {"channels": 40, "heads": 2, "max_seq_len": 320}}
+
+
+def run_matvec(g, R, IC, OC, bias, gelu, residual, seed):
+    """out = inp @ weight^T (+ bias), then gelu or + residual (in place: out is the residual)."""
+    r = rng(seed)
+    inp = g.values(r.normal(0, 1, (R, IC)))
+    weight = g.values(r.normal(0, 0.2, (OC, IC)))
+    b = g.values(r.normal(0, 1, OC)) if bias else None
+    want = ref.matmul_forward(inp.astype(np.float64), weight.astype(np.float64),
+                              None if b is None else b.astype(np.float64))
+    if gelu:
+        want = ref.gelu_forward(want)
+    null = np.uintp(0)
+    if residual:
+        res = g.values(r.normal(0, 1, (R, OC)))
+        want = want + res
+        out = g.to_x(res)
+        res_g = out
+    else:
+        out, res_g = g.poisoned_x((R, OC)), null
+    warps = g.k["MATVEC_WARPS"]
+    g.fn("matvec_forward_kernel")(out, g.to_x(inp), g.to_x(weight), null if b is None else g.to_x(b), res_g,
+                                  np.int32(R), np.int32(IC), np.int32(OC), np.int32(gelu),
+                                  block=(32 * warps, 1, 1), grid=(blocks(OC, warps), 1))
+    g.check(g.from_x(out), want, f"matvec out (R={R}, IC={IC}, OC={OC}, bias {bias}, gelu {gelu}, residual {residual})")
+
+
+def test_matvec_forward(gpu):
+    """test-odd: IC = C = 48, fewer channels than a warp's lanes load at once (32 x DECODE_VEC);
+    OC = 97, not a multiple of MATVEC_WARPS; the classifier's shape (no bias, Vp outputs)."""
+    C = gpu.spec.n_embd
+    run_matvec(gpu, 1, C, 97, True, False, False, 30)
+    run_matvec(gpu, 3, C, 4 * C, True, True, False, 31)  # the MLP's first layer, GELU fused
+    run_matvec(gpu, 2, C, gpu.spec.padded_vocab_size, False, False, False, 32)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("head_size", [20, 64])
+def test_matvec_forward_long_rows(precision, head_size):
+    """IC = 4C (a projection from the MLP's hidden layer), several loads per lane, into the
+    residual stream in place; R = 10 rows, more than MATVEC_ROWS: two passes over the weights."""
+    g = compiled("test-odd", DECODE_HEADS[head_size], precision)
+    C = g.spec.n_embd
+    assert R_LONG > g.k["MATVEC_ROWS"] and 4 * C > 32 * g.k["DECODE_VEC"]
+    assert g.k["DECODE_VEC"] == (1 if (precision, head_size) == ("bf16", 20) else 16 // (2 if g.bf16 else 4))
+    run_matvec(g, R_LONG, 4 * C, C, True, False, True, 33)
+
+
+R_LONG = 10
+
+
+def test_kvcache_fill(gpu):
+    """Row r = 1 of 3 takes positions 0..n-1 of every layer from the qkv activations of a
+    forward over n = 13 tokens; the other rows, and positions n and past, are untouched."""
+    s, r = gpu.spec, rng(34)
+    L, NH, C, R, n, W, row = s.n_layer, s.n_head, s.n_embd, 3, 13, 17, 1
+    HS = C // NH
+    qkv = gpu.values(r.normal(0, 1, (L, n, 3 * C)))
+    keys0 = gpu.values(r.normal(0, 1, (L, R, NH, W, HS)))
+    values0 = gpu.values(r.normal(0, 1, (L, R, NH, W, HS)))
+    keys, values = gpu.to_x(keys0), gpu.to_x(values0)
+    bs = gpu.k["BLOCK_SIZE"]
+    gpu.fn("kvcache_fill_kernel")(keys, values, gpu.to_x(qkv), np.int32(row), np.int32(L), np.int32(R), np.int32(NH),
+                                  np.int32(n), np.int32(W), block=(bs, 1, 1), grid=(blocks(L * n * C, bs), 1))
+    want_k, want_v = keys0.copy(), values0.copy()
+    want_k[:, row, :, :n] = qkv[..., C:2 * C].reshape(L, n, NH, HS).transpose(0, 2, 1, 3)
+    want_v[:, row, :, :n] = qkv[..., 2 * C:].reshape(L, n, NH, HS).transpose(0, 2, 1, 3)
+    assert np.array_equal(gpu.from_x(keys), want_k) and np.array_equal(gpu.from_x(values), want_v)
+
+
+def run_attention_decode(g, T_, seed):
+    """The attention of position t = T_ - 1 over a cache holding 0..t-1 (of W = T_ + 3 slots,
+    those past t NaN: read, they would show) against the last row of the whole sequence's."""
+    s = g.spec
+    NH, C = s.n_head, s.n_embd
+    HS = C // NH
+    qkv, _ = attention_case(g, T_, seed)  # (B,T,3C)
+    want = ref.attention_forward(qkv.astype(np.float64), NH)[0][:, -1]  # (B,C)
+    t, W = T_ - 1, T_ + 3
+
+    def heads(x):  # (B,T,C) -> (B,NH,T,HS)
+        return x.reshape(B, T_, NH, HS).transpose(0, 2, 1, 3)
+    keys0 = np.full((B, NH, W, HS), np.nan, np.float32)
+    values0 = np.full((B, NH, W, HS), np.nan, np.float32)
+    keys0[:, :, :t] = heads(qkv[..., C:2 * C])[:, :, :t]
+    values0[:, :, :t] = heads(qkv[..., 2 * C:])[:, :, :t]
+    keys, values = g.to_x(keys0), g.to_x(values0)
+    chunks = blocks(T_, g.k["DECODE_CHUNK"])
+    out, partial = g.poisoned_x((B, C)), g.poisoned((B, NH, chunks, HS + 2), np.float32)
+    threads = g.k["DECODE_THREADS"]
+    g.fn("attention_decode_kernel")(out, partial, keys, values, g.to_x(qkv[:, t]), np.int32(B), np.int32(NH),
+                                    np.int32(W), np.int32(t), block=(threads, 1, 1), grid=(chunks, B * NH))
+    if chunks > 1:
+        g.fn("attention_decode_combine_kernel")(out, partial, np.int32(B), np.int32(NH), np.int32(chunks),
+                                                block=(threads, 1, 1), grid=(B * NH, 1))
+    g.check(g.from_x(out), want, f"attention over the cache (T={T_}, HS={HS}, {chunks} chunk{'s' if chunks > 1 else ''})")
+    # position t joined the cache; the others are as they were
+    want_k, want_v = keys0.copy(), values0.copy()
+    want_k[:, :, t] = heads(qkv[..., C:2 * C])[:, :, t]
+    want_v[:, :, t] = heads(qkv[..., 2 * C:])[:, :, t]
+    np.testing.assert_array_equal(g.from_x(keys), want_k)
+    np.testing.assert_array_equal(g.from_x(values), want_v)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("head_size", [20, 64, 128])
+@pytest.mark.parametrize("T_", [1, 17, 129, 300])
+def test_attention_decode(precision, head_size, T_):
+    """One new position over the cache: T = 1 (its own key only), 17 (one chunk of keys), 129
+    (a second chunk of one key) and 300 (three chunks, combined): windows that are not
+    multiples of any tile; heads of 20 (one element a load in bf16), 64 and 128."""
+    g = compiled("test-odd", DECODE_HEADS[head_size], precision)
+    assert (T_ > g.k["DECODE_CHUNK"]) == (T_ >= 129)
+    run_attention_decode(g, T_, 40 + T_ + head_size)
+
+
 # ---- GELU, residual ----------------------------------------------------------------------
 def test_gelu_forward_and_backward(gpu):
     N = 1000

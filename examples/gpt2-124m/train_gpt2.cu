@@ -245,7 +245,7 @@ static void cublas_check(cublasStatus_t status, const char* call, int line) {
     if (status != CUBLAS_STATUS_SUCCESS) { die("cuBLAS error %d at line %d of %s: %s", (int)status, line, __FILE__, call); }
 }
 
-static size_t gpu_bytes_allocated;  // what gpu_malloc has allocated, in bytes
+static size_t gpu_bytes_allocated;  // what gpu_malloc has allocated and is held, in bytes (see kvcache_free)
 
 // cudaMalloc, or a message naming what did not fit.
 static void* gpu_malloc(size_t bytes, const char* what) {
@@ -320,6 +320,12 @@ __device__ inline floatX to_floatX(float x) { return __float2bfloat16(x); }
 #define FLASH_BK_DQ 64       // dq: keys per shared-memory tile (64 fp32 S and dP values per thread, with Q, dO and dQ, in registers)
 #define FLASH_BQ_DKDV 64     // dk, dv: queries per shared-memory tile (64 fp32 S^T and dP^T values per thread, with dK and dV, in registers)
 #define FLASH_STRIDE 72      // shared-memory row: HEAD_SIZE + 8 bf16, so that the 8 rows of a fragment load fall in different banks
+#define DECODE_VEC 8         // generation: floatX per load, 16 bytes (HEAD_SIZE 64 is a multiple of 8: every row read starts 16-byte aligned)
+#define MATVEC_WARPS 4       // matrix-vector products: warps per block, one output channel each (C = 768 outputs: 192 blocks)
+#define MATVEC_ROWS 8        // matrix-vector products: samples summed per pass over a weight row (a sum each per thread)
+#define DECODE_THREADS 128   // attention over the cache: threads per block, at least HEAD_SIZE
+#define DECODE_CHUNK 128     // attention over the cache: keys per block, one per thread for the scores; a longer context takes several blocks
+#define DECODE_GROUPS 2      // attention over the cache: groups of HEAD_SIZE threads that sum the values, DECODE_THREADS / HEAD_SIZE
 
 // Sums (maxima) over the 32 threads of a warp; every thread gets the result.
 __device__ inline float warp_sum(float x) {
@@ -639,12 +645,15 @@ static void layernorm_backward(floatX* dinp, float* dweight, float* dbias, const
 // about 1e-7 (absolute) with fast math, and goes to +-1 without a NaN for large |u|.
 __device__ inline float tanh_exp(float u) { return 1.0f - 2.0f / (expf(2.0f * u) + 1.0f); }
 
+// gelu(x) of one value (the generation's matrix-vector products apply it to their sums too).
+__device__ inline float gelu(float x) {
+    float u = GELU_SCALE * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanh_exp(u));
+}
+
 extern "C" __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, size_t N) { // (N), (N)
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N) { return; }
-    float x = to_float(inp[i]);
-    float u = GELU_SCALE * (x + 0.044715f * x * x * x);
-    out[i] = to_floatX(0.5f * x * (1.0f + tanh_exp(u)));
+    if (i < N) { out[i] = to_floatX(gelu(to_float(inp[i]))); }
 }
 
 // d gelu/dx = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) du/dx,  du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
@@ -1609,6 +1618,226 @@ static float global_norm(const float* grads, size_t n, double* partial) {
     return (float)sqrt(total);
 }
 
+// Generation, one position at a time. A sample (a row) keeps every layer's keys and values
+// in a cache, so each new token runs the model on that one position: the linear layers are
+// matrix-vector products, whose weights are read once per step for all rows (at one row a
+// step reads every weight once), with the MLP's GELU and the residual connections fused in;
+// the attention reads the cache. The encoder and the layernorms are the batch's kernels, run
+// on `rows` rows.
+
+// DECODE_VEC consecutive floatX at p as floats: one 16-byte load (p is 16-byte aligned).
+__device__ inline void load_vec(float out[DECODE_VEC], const floatX* p) {
+    floatX x[DECODE_VEC];
+    uint4 raw = *(const uint4*)p;
+    memcpy(x, &raw, sizeof(x));
+    #pragma unroll
+    for (int i = 0; i < DECODE_VEC; i++) { out[i] = to_float(x[i]); }
+}
+
+// A linear layer on a few rows: out = inp @ weight^T + bias, then gelu(...) where gelu_out is
+// set (the MLP's first layer), or + residual (the projections: residual may be out, each
+// element is read by the thread that writes it). A warp per output channel o: its lanes stride
+// over weight row o, DECODE_VEC channels a load, each multiplying them with MATVEC_ROWS rows of
+// inp at a time, and a warp sum gives the dot products. The weight row is read from memory
+// once for up to MATVEC_ROWS rows (more rows pass over it again, mostly from the L1 and L2
+// caches). Sums are fp32, rounded once to floatX, as the batch's matmuls do.
+//   out[r,o] = sum over i of inp[r,i] weight[o,i] + bias[o]
+extern "C" __global__ void matvec_forward_kernel(floatX* out,            // (R,OC)
+                                                 const floatX* inp,      // (R,IC)
+                                                 const floatX* weight,   // (OC,IC)
+                                                 const floatX* bias,     // (OC) or NULL
+                                                 const floatX* residual, // (R,OC) or NULL
+                                                 int R, int IC, int OC, int gelu_out) {
+    int o = blockIdx.x * MATVEC_WARPS + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (o >= OC) { return; }  // the whole warp leaves together
+    const floatX* w = weight + (size_t)o * IC;
+    for (int r0 = 0; r0 < R; r0 += MATVEC_ROWS) {
+        float acc[MATVEC_ROWS];
+        #pragma unroll
+        for (int j = 0; j < MATVEC_ROWS; j++) { acc[j] = 0.0f; }
+        #pragma unroll 4
+        for (int i = lane * DECODE_VEC; i < IC; i += 32 * DECODE_VEC) {
+            float wv[DECODE_VEC];
+            load_vec(wv, w + i);
+            #pragma unroll
+            for (int j = 0; j < MATVEC_ROWS; j++) {
+                if (r0 + j < R) {
+                    float xv[DECODE_VEC];
+                    load_vec(xv, inp + (size_t)(r0 + j) * IC + i);
+                    #pragma unroll
+                    for (int e = 0; e < DECODE_VEC; e++) { acc[j] += wv[e] * xv[e]; }
+                }
+            }
+        }
+        #pragma unroll
+        for (int j = 0; j < MATVEC_ROWS; j++) {
+            if (r0 + j >= R) { break; }  // the same for the whole warp
+            float sum = warp_sum(acc[j]);
+            if (lane == 0) {
+                size_t at = (size_t)(r0 + j) * OC + o;
+                float y = sum + (bias != NULL ? to_float(bias[o]) : 0.0f);
+                if (gelu_out) { y = gelu(y); }
+                if (residual != NULL) { y += to_float(residual[at]); }
+                out[at] = to_floatX(y);
+            }
+        }
+    }
+}
+
+// The cache of one row from the batch forward over its first n tokens (B = 1, T = n): the k
+// and v thirds of each layer's qkv, one thread per (layer, position, channel c = h * HS + i).
+//   keys[l,r,h,t,i] = qkv[l,t,C + c],   values[l,r,h,t,i] = qkv[l,t,2C + c]
+extern "C" __global__ void kvcache_fill_kernel(floatX* keys, floatX* values, // (L,R,NH,W,HS) each: row r's 0..n-1
+                                               const floatX* qkv,            // (L,n,3C)
+                                               int r, int L, int R, int NH, int n, int W) {
+    const int C = NH * HEAD_SIZE;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;  // (l * n + t) * C + c
+    if (idx >= (size_t)L * n * C) { return; }
+    int c = (int)(idx % C), t = (int)(idx / C % n), l = (int)(idx / C / n);
+    int h = c / HEAD_SIZE, i = c % HEAD_SIZE;
+    size_t to = ((((size_t)l * R + r) * NH + h) * W + t) * HEAD_SIZE + i;
+    const floatX* from = qkv + ((size_t)l * n + t) * 3 * C + c;
+    keys[to] = from[C];
+    values[to] = from[2 * C];
+}
+
+// The attention of each row's new position t over its cache, one layer: for row r and head h,
+// with q, k, v this position's thirds of qkv (head h's HS channels),
+//   keys[t] = k, values[t] = v          (written here, by the block whose keys end at t)
+//   s[t2] = q . keys[t2] / sqrt(HS)     for t2 = 0..t
+//   out   = sum over t2 of softmax(s)[t2] values[t2]
+// Block (chunk, r * NH + h) takes keys chunk * DECODE_CHUNK .. (to t), one thread a key for the
+// scores (fp32), kept in shared memory; their maximum m and l = sum of exp(s - m) come from
+// block reductions; then DECODE_GROUPS groups of HEAD_SIZE threads, a channel each, sum
+// exp(s - m) values over every DECODE_GROUPS-th key, and the groups are added in order. With
+// one chunk (t < DECODE_CHUNK) that sum over l is the output; with several (flash decoding,
+// so that a long context is spread over the GPU) each block writes m, l and its HS sums to
+// partial, and attention_decode_combine_kernel finishes. Every sum runs in a fixed order.
+extern "C" __global__ void attention_decode_kernel(floatX* out,                  // (R,C) when one chunk
+                                                   float* partial,               // (R,NH,chunks,HS+2) when several
+                                                   floatX* keys, floatX* values, // (R,NH,W,HS) each: 0..t-1 in, t written
+                                                   const floatX* qkv,            // (R,3C)
+                                                   int R, int NH, int W, int t) {
+    __shared__ float q[HEAD_SIZE];                   // pre-scaled by 1/sqrt(HS)
+    __shared__ float p[DECODE_CHUNK];                // the scores, then exp(s - m)
+    __shared__ float sums[DECODE_GROUPS][HEAD_SIZE]; // each group's sums over its keys
+    __shared__ float shared[32];
+    const int C = NH * HEAD_SIZE;
+    int r = blockIdx.y / NH, h = blockIdx.y % NH;
+    int first = blockIdx.x * DECODE_CHUNK;
+    int n = min(DECODE_CHUNK, t + 1 - first);  // this block's keys: first .. first + n - 1
+    const floatX* qkv_rh = qkv + (size_t)r * 3 * C + h * HEAD_SIZE;
+    floatX* k_rh = keys + ((size_t)r * NH + h) * W * HEAD_SIZE;
+    floatX* v_rh = values + ((size_t)r * NH + h) * W * HEAD_SIZE;
+    const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    for (int i = threadIdx.x; i < HEAD_SIZE; i += blockDim.x) {
+        q[i] = to_float(qkv_rh[i]) * scale;
+        if (blockIdx.x == gridDim.x - 1) {  // the chunk of position t
+            k_rh[(size_t)t * HEAD_SIZE + i] = qkv_rh[C + i];
+            v_rh[(size_t)t * HEAD_SIZE + i] = qkv_rh[2 * C + i];
+        }
+    }
+    __syncthreads();
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const floatX* k = k_rh + (size_t)(first + j) * HEAD_SIZE;
+        float s = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < HEAD_SIZE; i += DECODE_VEC) {
+            float kv[DECODE_VEC];
+            load_vec(kv, k + i);
+            #pragma unroll
+            for (int e = 0; e < DECODE_VEC; e++) { s += q[i + e] * kv[e]; }
+        }
+        p[j] = s;
+        m = fmaxf(m, s);
+    }
+    m = block_max(m, shared);
+    float l = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        p[j] = expf(p[j] - m);
+        l += p[j];
+    }
+    l = block_sum(l, shared);  // (its barriers also make every p[j] visible to the block)
+    int c = threadIdx.x % HEAD_SIZE, g = threadIdx.x / HEAD_SIZE;
+    if (g < DECODE_GROUPS) {
+        float acc = 0.0f;
+        for (int j = g; j < n; j += DECODE_GROUPS) { acc += p[j] * to_float(v_rh[(size_t)(first + j) * HEAD_SIZE + c]); }
+        sums[g][c] = acc;
+    }
+    __syncthreads();
+    if (threadIdx.x < HEAD_SIZE) {
+        float acc = 0.0f;
+        #pragma unroll
+        for (int k = 0; k < DECODE_GROUPS; k++) { acc += sums[k][c]; }
+        if (gridDim.x == 1) {
+            out[(size_t)r * C + h * HEAD_SIZE + c] = to_floatX(acc / l);
+        } else {
+            float* part = partial + ((size_t)blockIdx.y * gridDim.x + blockIdx.x) * (HEAD_SIZE + 2);
+            part[2 + c] = acc;
+            if (c == 0) {
+                part[0] = m;
+                part[1] = l;
+            }
+        }
+    }
+}
+
+// The chunks' partial softmax sums combined, one block per (r, h), a thread per channel c:
+// with chunk i's maximum m_i, sum l_i and sums a_i[c], and M the largest m_i,
+//   out[r, h * HS + c] = (sum over i of exp(m_i - M) a_i[c]) / (sum over i of exp(m_i - M) l_i)
+extern "C" __global__ void attention_decode_combine_kernel(floatX* out,          // (R,C)
+                                                           const float* partial, // (R,NH,chunks,HS+2)
+                                                           int R, int NH, int chunks) {
+    int c = threadIdx.x;
+    if (c >= HEAD_SIZE) { return; }
+    const float* part = partial + (size_t)blockIdx.x * chunks * (HEAD_SIZE + 2);
+    float M = -INFINITY;
+    for (int i = 0; i < chunks; i++) { M = fmaxf(M, part[(size_t)i * (HEAD_SIZE + 2)]); }
+    float l = 0.0f, acc = 0.0f;
+    for (int i = 0; i < chunks; i++) {
+        const float* chunk = part + (size_t)i * (HEAD_SIZE + 2);
+        float w = expf(chunk[0] - M);
+        l += w * chunk[1];
+        acc += w * chunk[2 + c];
+    }
+    int r = blockIdx.x / NH, h = blockIdx.x % NH;
+    out[(size_t)r * NH * HEAD_SIZE + h * HEAD_SIZE + c] = to_floatX(acc / l);
+}
+
+// out (R,OC) = inp (R,IC) @ weight^T + bias (OC, or NULL), then gelu (gelu_out 1) or +
+// residual ((R,OC), or NULL; it may be out).
+static void matvec_forward(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias,
+                           const floatX* residual, int R, int IC, int OC, int gelu_out) {
+    matvec_forward_kernel<<<ceil_div(OC, MATVEC_WARPS), 32 * MATVEC_WARPS>>>(out, inp, weight, bias, residual, R, IC,
+                                                                               OC, gelu_out);
+    cudaCheck(cudaGetLastError());
+}
+
+// Row r of the caches keys, values (L,R,NH,W,HS) from the qkv activations (L,n,3C) of a
+// forward over its n tokens.
+static void kvcache_fill(floatX* keys, floatX* values, const floatX* qkv, int r, int R, int n, int W) {
+    size_t N = (size_t)NUM_LAYERS * n * CHANNELS;
+    kvcache_fill_kernel<<<ceil_div(N, BLOCK_SIZE), BLOCK_SIZE>>>(keys, values, qkv, r, NUM_LAYERS, R, NUM_HEADS, n, W);
+    cudaCheck(cudaGetLastError());
+}
+
+// out (R,C): the attention of position t of each row over its cache of one layer (keys, values
+// (R,NH,W,HS), which gain position t), from qkv (R,3C); partial holds R * NH * chunks * (HS+2)
+// floats, chunks = ceil((t + 1) / DECODE_CHUNK).
+static void attention_decode(floatX* out, float* partial, floatX* keys, floatX* values, const floatX* qkv,
+                             int R, int NH, int W, int t) {
+    int chunks = (int)ceil_div(t + 1, DECODE_CHUNK);
+    dim3 grid(chunks, R * NH);
+    attention_decode_kernel<<<grid, DECODE_THREADS>>>(out, partial, keys, values, qkv, R, NH, W, t);
+    cudaCheck(cudaGetLastError());
+    if (chunks > 1) {
+        attention_decode_combine_kernel<<<R * NH, DECODE_THREADS>>>(out, partial, R, NH, chunks);
+        cudaCheck(cudaGetLastError());
+    }
+}
+
 // ----------------------------------------------------------------------------
 // The model: parameters, gradients and optimizer state on the GPU, each in one buffer
 // ----------------------------------------------------------------------------
@@ -1951,15 +2180,16 @@ typedef struct {
     int B, T;              // the largest batch the buffers hold
     int* inputs;           // (B,T) host copy of the last forward's token ids
     float* losses;         // (B,T) host copy of the last forward's losses
-    floatX* logits_row;    // (Vp) host: one row of logits, for sampling
-    float* logits_host;    // (Vp) host: that row as float, for the sampler
+    floatX* logits_row;    // (Vp) host: one row of logits, for the test harness
+    float* logits_host;    // (Vp) host: that row as float
     float mean_loss;       // mean of losses after a forward with targets, else -1
 } GPT2;
 
-// Every device allocation, for batches of up to B x T tokens: where its pointer goes, its
-// bytes, and what it holds. gpt2_alloc makes them all, and the program allocates nothing else
-// on the device (but what cuBLASLt keeps for its handle), so their sum is the device memory a
-// run takes: it prints the sum as it starts.
+// Every device allocation of the model, for batches of up to B x T tokens: where its pointer
+// goes, its bytes, and what it holds. gpt2_alloc makes them all, and the program allocates
+// nothing else on the device but what cuBLASLt keeps for its handle and, only while it
+// samples, the cache of keys and values (kvcache_buffers), so their sum is the device memory a
+// run takes outside sampling: it prints the sum as it starts.
 typedef struct {
     void** ptr;
     size_t bytes;
@@ -2189,8 +2419,10 @@ static void gpt2_update(GPT2* model, float lr, float beta1, float beta2, float e
     }
 }
 
-// Row n (b * T + t) of the last forward's logits (which had no targets), brought to the host as
-// float: Vp floats in model->logits_host, valid until the next call.
+#ifdef TESTING
+// For the test harness: row n (b * T + t) of the last forward's logits (which had no targets),
+// brought to the host as float: Vp floats in model->logits_host, valid until the next call.
+// (Sampling takes its logits from the cache of keys and values, see gpt2_next_logits.)
 static const float* gpt2_logits_row(GPT2* model, int n) {
     const floatX* row = model->acts.logits + (size_t)n * PADDED_VOCAB_SIZE;
     cudaCheck(cudaMemcpy(model->logits_row, row, PADDED_VOCAB_SIZE * sizeof(floatX), cudaMemcpyDeviceToHost));
@@ -2198,7 +2430,6 @@ static const float* gpt2_logits_row(GPT2* model, int n) {
     return model->logits_host;
 }
 
-#ifdef TESTING
 // For the test harness: the parameter gradients (NUM_PARAMETERS fp32 values) on the host.
 static void gpt2_get_gradients(const GPT2* model, float* values) {
     cudaCheck(cudaMemcpy(values, model->grads_memory, NUM_PARAMETERS * sizeof(float), cudaMemcpyDeviceToHost));
@@ -2831,32 +3062,137 @@ static void utf8_finish(Utf8Writer* w) {
     fflush(w->out);
 }
 
-// Generation on the GPU: each new token runs the model over its whole window (this trainer has
-// no cache of keys and values yet) and brings one row of logits per sample to the host.
+// ----------------------------------------------------------------------------
+// Generation with a cache of keys and values on the GPU
+// ----------------------------------------------------------------------------
+
+// Each sample (a row) keeps every layer's keys and values for the positions of its context
+// on the GPU, so that each new token runs the model on that one position (see the generation
+// kernels: matrix-vector products over the weights, read once per step for all rows, and the
+// attention over the cache), and only the new logits come to the host. The rows advance in
+// step. The cache is allocated only while sampling, for the window of positions the sampler
+// uses; the prompt (and, past the window, the last window - 1 tokens, every step) fills it
+// through the batch forward, one row at a time, whose qkv activations hold the keys and values.
 typedef struct {
-    int rows, window;
-    float* logits;  // (rows, Vp) host
+    int rows, window;   // samples, and positions the cache holds
+    int chunks;         // the attention's blocks of DECODE_CHUNK keys at the longest context
+    int start, filled;  // the cache holds tokens[start .. start + filled) of each row
+    floatX* keys;       // (L,rows,NH,window,HS) GPU
+    floatX* values;     // (L,rows,NH,window,HS) GPU
+    floatX* x;          // (rows,C) GPU: the residual stream at the new position
+    floatX* xn;         // (rows,C) GPU: a layernorm's output
+    float* ln_mean;     // (rows) GPU: the layernorm's statistics (unused)
+    float* ln_rstd;     // (rows) GPU
+    floatX* qkv;        // (rows,3C) GPU
+    floatX* att;        // (rows,C) GPU: the attention's output
+    floatX* fch_gelu;   // (rows,4C) GPU: the MLP's GELU output
+    float* att_partial; // (rows,NH,chunks,HS+2) GPU: the attention's partial sums per chunk
+    floatX* logits;     // (rows,Vp) GPU
+    int* tokens_gpu;    // (rows) GPU: the tokens of the step
+    int* tokens;        // (rows) host
+    floatX* logits_x;   // (rows,Vp) host: the logits as the GPU holds them (bf16)
+    float* logits_host; // (rows,Vp) host: as float, for the sampler
 } KVCache;
 
-static void kvcache_alloc(KVCache* c, int rows, int window) {
-    c->rows = rows;
-    c->window = window;
-    c->logits = (float*)malloc_check((size_t)rows * PADDED_VOCAB_SIZE * sizeof(float));
+// The cache's device allocations, for `rows` samples and `window` positions (as device_buffers
+// lists the model's).
+#define NUM_KVCACHE_BUFFERS 12
+static void kvcache_buffers(DeviceBuffer buffers[NUM_KVCACHE_BUFFERS], KVCache* c, int rows, int window) {
+    size_t chunks = ceil_div(window, DECODE_CHUNK);
+    DeviceBuffer list[NUM_KVCACHE_BUFFERS] = {
+        {(void**)&c->keys, (size_t)NUM_LAYERS * rows * NUM_HEADS * window * HEAD_SIZE * sizeof(floatX), "the cache of keys"}, // (L,rows,NH,window,HS)
+        {(void**)&c->values, (size_t)NUM_LAYERS * rows * NUM_HEADS * window * HEAD_SIZE * sizeof(floatX), "the cache of values"}, // (L,rows,NH,window,HS)
+        {(void**)&c->x, (size_t)rows * CHANNELS * sizeof(floatX), "generation"}, // (rows,C)
+        {(void**)&c->xn, (size_t)rows * CHANNELS * sizeof(floatX), "generation"}, // (rows,C)
+        {(void**)&c->ln_mean, (size_t)rows * sizeof(float), "generation"}, // (rows)
+        {(void**)&c->ln_rstd, (size_t)rows * sizeof(float), "generation"}, // (rows)
+        {(void**)&c->qkv, (size_t)rows * 3 * CHANNELS * sizeof(floatX), "generation"}, // (rows,3C)
+        {(void**)&c->att, (size_t)rows * CHANNELS * sizeof(floatX), "generation"}, // (rows,C)
+        {(void**)&c->fch_gelu, (size_t)rows * 4 * CHANNELS * sizeof(floatX), "generation"}, // (rows,4C)
+        {(void**)&c->att_partial, (size_t)rows * NUM_HEADS * chunks * (HEAD_SIZE + 2) * sizeof(float), "generation"}, // (rows,NH,chunks,HS+2)
+        {(void**)&c->logits, (size_t)rows * PADDED_VOCAB_SIZE * sizeof(floatX), "generation"}, // (rows,Vp)
+        {(void**)&c->tokens_gpu, (size_t)rows * sizeof(int), "generation"}, // (rows)
+    };
+    memcpy(buffers, list, sizeof(list));
 }
 
+static void kvcache_alloc(KVCache* c, int rows, int window) {
+    memset(c, 0, sizeof(*c));
+    c->rows = rows;
+    c->window = window;
+    c->chunks = (int)ceil_div(window, DECODE_CHUNK);
+    DeviceBuffer buffers[NUM_KVCACHE_BUFFERS];
+    kvcache_buffers(buffers, c, rows, window);
+    for (int i = 0; i < NUM_KVCACHE_BUFFERS; i++) { *buffers[i].ptr = gpu_malloc(buffers[i].bytes, buffers[i].what); }
+    c->tokens = (int*)malloc_check((size_t)rows * sizeof(int));
+    c->logits_x = (floatX*)malloc_check((size_t)rows * PADDED_VOCAB_SIZE * sizeof(floatX));
+    c->logits_host = (float*)malloc_check((size_t)rows * PADDED_VOCAB_SIZE * sizeof(float));
+}
+
+// Frees the cache; gpu_bytes_allocated goes back to the model's.
 static void kvcache_free(KVCache* c) {
-    free(c->logits);
+    DeviceBuffer buffers[NUM_KVCACHE_BUFFERS];
+    kvcache_buffers(buffers, c, c->rows, c->window);
+    for (int i = 0; i < NUM_KVCACHE_BUFFERS; i++) {
+        cudaCheck(cudaFree(*buffers[i].ptr));
+        gpu_bytes_allocated -= buffers[i].bytes;
+    }
+    free(c->tokens);
+    free(c->logits_x);
+    free(c->logits_host);
+}
+
+// Fill row r's cache with tokens[0..n) at positions 0..n-1: the batch forward on them (one
+// sequence, B = 1, T = n), whose qkv activations (L,n,3C) hold each layer's keys and values.
+static void kvcache_prefill(GPT2* model, KVCache* c, int r, const int* tokens, int n) {
+    gpt2_forward(model, tokens, NULL, 1, n);
+    kvcache_fill(c->keys, c->values, model->acts.qkv, r, c->rows, n, c->window);
+}
+
+// One step of every row: its next token c->tokens[r] at position t (the cache holds 0..t-1),
+// through every layer at that one position; the keys and values of t join the cache. Returns
+// the logits (rows, Vp) on the host, as float.
+static const float* kvcache_decode(GPT2* model, KVCache* c, int t) {
+    const int C = CHANNELS, NH = NUM_HEADS, R = c->rows;
+    ParameterTensors p = model->params;
+    cudaCheck(cudaMemcpy(c->tokens_gpu, c->tokens, R * sizeof(int), cudaMemcpyHostToDevice));
+    encoder_forward(c->x, c->tokens_gpu, p.wte, p.wpe + (size_t)t * C, R, 1, C);  // wte[token] + wpe[t]
+    for (int l = 0; l < NUM_LAYERS; l++) {
+        LayerParams lp = layer_params(&p, l);
+        size_t layer = (size_t)l * R * NH * c->window * HEAD_SIZE;  // layer l's slice of the cache
+        layernorm_forward(c->xn, c->ln_mean, c->ln_rstd, c->x, lp.ln1w, lp.ln1b, R, C);
+        matvec_forward(c->qkv, c->xn, lp.qkvw, lp.qkvb, NULL, R, C, 3 * C, 0);
+        attention_decode(c->att, c->att_partial, c->keys + layer, c->values + layer, c->qkv, R, NH, c->window, t);
+        matvec_forward(c->x, c->att, lp.attprojw, lp.attprojb, c->x, R, C, C, 0);  // x += attproj(att)
+        layernorm_forward(c->xn, c->ln_mean, c->ln_rstd, c->x, lp.ln2w, lp.ln2b, R, C);
+        matvec_forward(c->fch_gelu, c->xn, lp.fcw, lp.fcb, NULL, R, C, 4 * C, 1);        // fch_gelu = gelu(fc(xn))
+        matvec_forward(c->x, c->fch_gelu, lp.fcprojw, lp.fcprojb, c->x, R, 4 * C, C, 0); // x += fcproj(fch_gelu)
+    }
+    layernorm_forward(c->xn, c->ln_mean, c->ln_rstd, c->x, p.lnfw, p.lnfb, R, C);
+    matvec_forward(c->logits, c->xn, p.wte, NULL, NULL, R, C, PADDED_VOCAB_SIZE, 0);  // tied classifier
+    size_t n = (size_t)R * PADDED_VOCAB_SIZE;
+    cudaCheck(cudaMemcpy(c->logits_x, c->logits, n * sizeof(floatX), cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < n; i++) { c->logits_host[i] = host_float(c->logits_x[i]); }
+    return c->logits_host;
 }
 
 // The logits of the next token of every row, whose tokens so far are tokens[r * stride ..
-// r * stride + end), seeing tokens[start .. end).
+// r * stride + end), seeing the last window of them (from `start`). The cache holds them but
+// for the last: one decode step. Otherwise (the first step, or the window moved on): the cache
+// is filled afresh from tokens[start .. end - 1), row by row, then the step.
 static const float* gpt2_next_logits(GPT2* model, KVCache* c, const int* tokens, size_t stride, int start, int end) {
-    for (int r = 0; r < c->rows; r++) {
-        gpt2_forward(model, tokens + r * stride + start, NULL, 1, end - start);
-        memcpy(c->logits + (size_t)r * PADDED_VOCAB_SIZE, gpt2_logits_row(model, end - start - 1),
-               PADDED_VOCAB_SIZE * sizeof(float));
+    if (end - start > c->window) { die("generation: %d tokens in view, but the cache holds %d", end - start, c->window); }
+    if (c->start != start || c->filled != end - 1 - start) {
+        for (int r = 0; r < c->rows; r++) {
+            if (end - 1 > start) { kvcache_prefill(model, c, r, tokens + r * stride + start, end - 1 - start); }
+        }
+        c->start = start;
+        c->filled = end - 1 - start;
     }
-    return c->logits;
+    for (int r = 0; r < c->rows; r++) { c->tokens[r] = tokens[r * stride + end - 1]; }
+    const float* logits = kvcache_decode(model, c, c->filled);
+    c->filled++;
+    return logits;
 }
 
 // ----------------------------------------------------------------------------
