@@ -170,8 +170,11 @@ def cuda_options(f):
 @click.option("--top-k", type=NOT_NEGATIVE, default=40, show_default=True, help="sample from the top k tokens (0: all)")
 @click.option("--seed", type=int, default=42, show_default=True, help="random seed (init and sampler)")
 @click.option("--threads", type=POSITIVE, help="OpenMP threads  [default: all cores]")
+@click.option("--trainer", "trainer", metavar="FILE", type=click.Path(dir_okay=False),
+              help="train with this train_gpt2.c instead of a fresh one: a copy you edited, for the spec in its "
+                   "header (--spec, if given, must agree)")
 def train(spec, inputs, steps, out_dir, batch, seq_len, lr, warmup, val_every, sample_tokens, temperature,
-          top_k, seed, threads):
+          top_k, seed, threads, trainer):
     """Train a small GPT-2 on text and print what it writes: the whole job in one command.
 
     Emits and builds the trainer, tokenizes the text (the embedded Shakespeare by default),
@@ -179,9 +182,16 @@ def train(spec, inputs, steps, out_dir, batch, seq_len, lr, warmup, val_every, s
     the data unless the spec or the text changed. Needs no network.
     """
     from .run import train as run_train
+    if trainer is not None:
+        from . import edited
+        if edited.target_of(Path(trainer)) is not Target.C:
+            raise LlmgenError(f"{trainer}: llmgen train runs the C trainer (train_gpt2.c); build and run a "
+                              "train_gpt2.cu with its Makefile")
+        ctx = click.get_current_context()
+        spec = edited.spec_of(Path(trainer), spec if given_on_command_line(ctx, *SPEC_PARAMS) else None)
     r = run_train(spec, list(inputs), out_dir, steps=steps, batch=batch, seq_len=seq_len, lr=lr, warmup=warmup,
                   sample_tokens=sample_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                  val_every=val_every, threads=threads, echo=click.echo)
+                  val_every=val_every, threads=threads, echo=click.echo, trainer=trainer)
     val = f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else "n/a"
     click.echo(f"done in {r.seconds:.0f} s: final val loss {val}; checkpoint {r.checkpoint}")
     if r.report is not None:
@@ -385,18 +395,18 @@ def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target,
     operation in the order the data flows: every activation of a forward, every activation
     and parameter gradient of the backward (layer by layer), then the losses, norms and
     parameters of N AdamW steps. The table ends with the first divergence, if any."""
-    from .verify import cuda_header_build, format_table, read_trainer, trainer_spec, trainer_target
-    from .verify import verify as run_verify
+    from . import edited
+    from .verify import format_table, verify as run_verify
     ctx = click.get_current_context()
     if trainer is not None:
         path = Path(trainer)
-        file_target = trainer_target(path).value
+        file_target = edited.target_of(path).value
         if given_on_command_line(ctx, "target") and target != file_target:
             raise LlmgenError(f"{path}: a {file_target.upper()} trainer (by its suffix), but --target {target}")
         target = file_target
-        spec = trainer_spec(path, spec if given_on_command_line(ctx, *SPEC_PARAMS) else None)
+        spec = edited.spec_of(path, spec if given_on_command_line(ctx, *SPEC_PARAMS) else None)
         if target == Target.CUDA.value:
-            built = cuda_header_build(path, read_trainer(path))
+            built = edited.cuda_build_of(path)
             if built is not None:
                 for name, value in zip(("precision", "matmul"), built):
                     if given_on_command_line(ctx, name) and ctx.params[name] != value:

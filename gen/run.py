@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import edited
 from .emit import emit, make
 from .errors import LlmgenError
 from .fileio import read_model_spec
@@ -87,9 +88,10 @@ class TrainResult:
 
 def train(spec: Spec, inputs: list[str], out_dir: str | Path, *, steps: int, batch: int, seq_len: int,
           lr: float, warmup: int, sample_tokens: int, temperature: float, top_k: int, seed: int,
-          val_every: int, threads: int | None, echo: Echo) -> TrainResult:
-    """Emit and build the trainer, prepare the data (both reused when unchanged), train,
-    print the losses as they fall and the val loss, and end with a sample of text."""
+          val_every: int, threads: int | None, echo: Echo, trainer: str | Path | None = None) -> TrainResult:
+    """Emit and build the trainer (or build `trainer`, an edited train_gpt2.c for spec),
+    prepare the data (both reused when unchanged), train, print the losses as they fall and
+    the val loss, and end with a sample of text."""
     t0 = time.perf_counter()
     _need_gpt2_vocab(spec, f"spec {spec.name}")
     if steps <= 0 or batch <= 0 or warmup < 0 or sample_tokens < 0 or val_every <= 0:
@@ -100,8 +102,14 @@ def train(spec: Spec, inputs: list[str], out_dir: str | Path, *, steps: int, bat
     out = Path(out_dir)
 
     trainer_dir = out / "trainer"
-    echo(f"[1/3] trainer for {spec.name} in {trainer_dir}")
-    exe = build_trainer(spec, trainer_dir)
+    if trainer is None:
+        echo(f"[1/3] trainer for {spec.name} in {trainer_dir}")
+        exe = build_trainer(spec, trainer_dir)
+    else:
+        echo(f"[1/3] trainer: {trainer} (edited, for {spec.name}), built in {trainer_dir}")
+        emit(spec, trainer_dir)
+        edited.install(Path(trainer), trainer_dir / "train_gpt2.c")
+        exe = edited.make(trainer_dir, "train_gpt2", Path(trainer))
 
     data_dir = out / "data"
     settings = {"val_fraction": VAL_FRACTION, "val_tokens": None, "shard_tokens": SHARD_TOKENS, "errors": "strict"}

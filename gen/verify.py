@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import signal
 import subprocess
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import edited
 from . import reference as ref
-from . import spec as specs
-from .emit import SPEC_MARKER, cuda_build, emit, make
-from .enums import Matmul, Position, Target
+from .emit import cuda_build, emit, make
+from .enums import Position, Target
 from .errors import LlmgenError
-from .fileio import from_bf16, read_regular, to_bf16, write_model, write_shard
+from .fileio import from_bf16, to_bf16, write_model, write_shard
 from .spec import Spec
 from .tensors import activation_name, activations, num_params, numel, parameters, sizes, unflatten
 
@@ -115,9 +113,10 @@ def build(spec: Spec, out_dir: Path, cc: str = "gcc", trainer: Path | None = Non
     """The C harness (test_gpt2), around the emitted train_gpt2.c or around `trainer`, a copy
     of it that a user edited."""
     emit(spec, out_dir)
-    if trainer is not None:
-        use_trainer(trainer, out_dir / "train_gpt2.c")
-    return make_harness(out_dir, "test_gpt2", cc, trainer, {"CFLAGS": cflags} if cflags else None)
+    if trainer is None:
+        return make(out_dir, "test_gpt2", cc, {"CFLAGS": cflags} if cflags else None)
+    edited.install(trainer, out_dir / "train_gpt2.c")
+    return edited.make(out_dir, "test_gpt2", trainer, cc, {"CFLAGS": cflags} if cflags else None)
 
 
 def build_cuda(spec: Spec, out_dir: Path, precision: str, matmul: str, trainer: Path | None = None) -> Path:
@@ -125,134 +124,10 @@ def build_cuda(spec: Spec, out_dir: Path, precision: str, matmul: str, trainer: 
     fp32's tolerances."""
     with cuda_build(tf32=False):
         emit(spec, out_dir, "cuda", precision, matmul)
-    if trainer is not None:
-        use_trainer(trainer, out_dir / "train_gpt2.cu")
-    return make_harness(out_dir, "test_gpt2cu", "gcc", trainer)
-
-
-# ---- a trainer the user edited --------------------------------------------------------
-# The #defines of the sizes that the harness and the comparison depend on: an edited trainer
-# must keep those of the spec in its header.
-SIZE_DEFINES = ("NUM_LAYERS", "NUM_HEADS", "CHANNELS", "HEAD_SIZE", "VOCAB_SIZE", "PADDED_VOCAB_SIZE",
-                "MAX_SEQ_LEN", "KV_HEADS", "QKV_CHANNELS", "MLP_HIDDEN", "ROPE_THETA", "NUM_PARAMETER_TENSORS",
-                "NUM_PARAMETERS", "NUM_ACTIVATION_TENSORS")
-DEFINE = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)[ \t]+([^\s/]+)", re.M)
-HEADER_LINES = 200  # the spec is in the file's opening comment
-
-
-def read_trainer(path: Path) -> str:
-    try:
-        return read_regular(path, "trainer").decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LlmgenError(f"{path}: not a C or CUDA source file (not UTF-8 text: {e.reason} at byte {e.start})") \
-            from None
-
-
-def trainer_target(path: Path) -> Target:
-    if path.suffix == ".c":
-        return Target.C
-    if path.suffix == ".cu":
-        return Target.CUDA
-    raise LlmgenError(f"{path}: expected a train_gpt2.c (C) or train_gpt2.cu (CUDA) file, by its suffix")
-
-
-def spec_in_header(path: Path, text: str) -> Spec | None:
-    """The spec an emitted trainer holds in its header (see emit.SPEC_MARKER), None if the
-    file has no such block."""
-    lines = text.splitlines()[:HEADER_LINES]
-    marker = f"// {SPEC_MARKER}"
-    if marker not in lines:
-        return None
-    toml_lines = []
-    for line in lines[lines.index(marker) + 1:]:
-        if not line.startswith("//   "):
-            break
-        toml_lines.append(line[5:])
-    source = f"{path} (the spec in its header)"
-    try:
-        raw = tomllib.loads("\n".join(toml_lines))
-    except tomllib.TOMLDecodeError as e:
-        raise LlmgenError(f"{source}: not valid TOML ({e})") from None
-    return specs.from_dict(raw, source)
-
-
-def cuda_header_build(path: Path, text: str) -> tuple[str, str] | None:
-    """(precision, matmul) as the header of an emitted train_gpt2.cu gives them, or None."""
-    m = re.search(r"^// Precision: (fp32|bf16)\. Matmuls: (cuBLASLt|a tiled shared-memory kernel)\.", text, re.M)
-    if m is None:
-        return None
-    return m.group(1), Matmul.CUBLASLT.value if m.group(2) == "cuBLASLt" else Matmul.TILED.value
-
-
-def trainer_spec(path: Path, given: Spec | None) -> Spec:
-    """The spec to verify an edited trainer against: the one in its header, or `given`
-    (--spec), which must agree with it."""
-    text = read_trainer(path)
-    header = spec_in_header(path, text)
-    if header is None and given is None:
-        raise LlmgenError(f"{path}: no spec in its header (the line '// {SPEC_MARKER}' and the TOML after it, "
-                          "as llmgen emit writes them): give the spec it was generated from with --spec")
-    if header is not None and given is not None and specs.differences(header, given):
-        raise LlmgenError(f"{path}: the spec in its header differs from --spec ({specs.differences(header, given)}): "
-                          "leave --spec out to use the header's")
-    return header if header is not None else given
-
-
-def check_sizes(trainer: Path, text: str, emitted: str) -> None:
-    """The edited trainer must #define the spec's sizes as the emitted file does."""
-    want = {name: value for name, value in DEFINE.findall(emitted) if name in SIZE_DEFINES}
-    have: dict[str, tuple[str, int]] = {}
-    for m in DEFINE.finditer(text):
-        if m.group(1) in want and m.group(1) not in have:
-            have[m.group(1)] = (m.group(2), text.count("\n", 0, m.start()) + 1)
-    for name, value in want.items():
-        if name not in have:
-            raise LlmgenError(f"{trainer}: no #define {name} (the spec gives {value}): the harness needs the "
-                              "sizes of the spec in its header")
-        if have[name][0] != value:
-            raise LlmgenError(f"{trainer}:{have[name][1]}: #define {name} {have[name][0]}, but the spec in its header "
-                              f"gives {value}: to change the sizes, change the spec and emit again")
-
-
-def use_trainer(trainer: Path, dest: Path) -> None:
-    """Put the user's trainer where the harness includes it, after checking its sizes against
-    the file just emitted there."""
-    text = read_trainer(trainer)
-    check_sizes(trainer, text, dest.read_text())
-    dest.write_text(text)
-
-
-COMPILER_ERROR = re.compile(r"^(?P<file>[^\s:()]+)(?::(?P<line>\d+)(?::(?P<col>\d+))?:|\((?P<nvline>\d+)\):)"
-                            r" (?:fatal )?error: (?P<msg>.*)$", re.M)
-
-
-def first_compiler_error(output: str, trainer: Path, build_dir: Path) -> str:
-    """The compiler's first error, placed in the user's file when it is in the trainer."""
-    m = COMPILER_ERROR.search(output)
-    undefined = re.search(r"undefined reference to [`'](\w+)'", output)
-    if m is None and undefined:
-        return (f"the test harness calls {undefined.group(1)}, which {trainer} no longer defines (the harness "
-                "reads the trainer through its TESTING functions)")
-    if m is None:
-        lines = [line for line in output.splitlines() if "error" in line or "undefined reference" in line]
-        return lines[0].strip() if lines else output.strip().splitlines()[-1] if output.strip() else "no output"
-    line = m.group("line") or m.group("nvline")
-    where = f":{line}" + (f":{m.group('col')}" if m.group("col") else "")
-    name = Path(m.group("file")).name
-    if name in ("train_gpt2.c", "train_gpt2.cu"):
-        return f"{trainer}{where}: error: {m.group('msg')}"
-    return f"{build_dir / name}{where} (the test harness): error: {m.group('msg')}"
-
-
-def make_harness(out_dir: Path, target: str, cc: str, trainer: Path | None, variables: dict | None = None) -> Path:
     if trainer is None:
-        return make(out_dir, target, cc, variables)
-    (out_dir / target).unlink(missing_ok=True)  # the user's copy is always built anew
-    try:
-        return make(out_dir, target, cc, variables)
-    except LlmgenError as e:
-        raise LlmgenError(f"{trainer} does not compile with the test harness: "
-                          f"{first_compiler_error(str(e), trainer, out_dir)}") from None
+        return make(out_dir, "test_gpt2cu")
+    edited.install(trainer, out_dir / "train_gpt2.cu")
+    return edited.make(out_dir, "test_gpt2cu", trainer)
 
 
 # ---- running the harness ---------------------------------------------------------------

@@ -228,3 +228,27 @@ def test_a_cuda_trainer_needs_a_gpu(tmp_path):
     assert result.returncode == 1 and "its header says precision bf16, but --precision fp32" in result.stderr
     result = llmgen("verify", "--trainer", out / "train_gpt2.cu", "--target", "c")
     assert result.returncode == 1 and "a CUDA trainer (by its suffix), but --target c" in result.stderr
+
+
+def test_train_runs_an_edited_trainer(tmp_path):
+    """llmgen train --trainer: the edited copy is what gets built and trained."""
+    out = tmp_path / "emitted"
+    assert llmgen("emit", "--spec", "gpt2-tiny", "-o", out).returncode == 0
+    text = (out / "train_gpt2.c").read_text()
+    mine = tmp_path / "mine.c"
+    mine.write_text(text.replace("(g - g_mean - norm * g_norm_mean)", "(g - norm * g_norm_mean)", 1))
+    result = llmgen("train", "--trainer", mine, "--steps", 3, "--val-every", 3, "--sample-tokens", 0,
+                    "-b", 2, "-t", 16, "-o", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert f"[1/3] trainer: {mine} (edited, for gpt2-tiny), built in {tmp_path / 'run' / 'trainer'}" in result.stdout
+    assert (tmp_path / "run" / "trainer" / "train_gpt2.c").read_text() == mine.read_text()
+    assert (tmp_path / "run" / "run" / "model_00000003.bin").is_file()
+    # refused: a CUDA file, a spec that differs, an edit that does not compile
+    result = llmgen("train", "--trainer", tmp_path / "x.cu", "-o", tmp_path / "run")
+    assert result.returncode == 1 and "llmgen train runs the C trainer" in result.stderr
+    result = llmgen("train", "--trainer", mine, "--layers", 2, "-o", tmp_path / "run")
+    assert result.returncode == 1 and "differs from --spec (layers 4 vs 2" in result.stderr
+    mine.write_text(text.replace("static void gelu_forward(", "static void gelu_forward(int oops,", 1))
+    result = llmgen("train", "--trainer", mine, "--steps", 3, "-o", tmp_path / "run")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {mine} does not compile: {mine}:")
