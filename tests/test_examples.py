@@ -85,3 +85,17 @@ def test_tables_are_expressions_with_one_labelled_entry_per_line():
     assert re.search(r"0.0040824829f}, +// attprojw: 0.02 / sqrt\(2 \* NUM_LAYERS\)", src)
     assert max(len(line) for line in src.splitlines()) <= 160
     assert "\n\n\n" not in src and not re.search(r"[ \t]$", src, re.M)
+
+
+def test_the_readmes_links_and_pictures_exist():
+    """Every relative link or image in the README names a file of the repository; the report
+    picture is a PNG of the size llmgen report writes."""
+    root = EXAMPLES.parent.parent
+    readme = (root / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", readme)
+    assert "docs/report.png" in targets
+    for target in targets:
+        assert (root / target).exists(), f"README links to {target}, which is not there"
+    png = (root / "docs" / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1200, 900)
