@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from llmgen import spec as specs
-from llmgen.emit import emit
+from llmgen.emit import cuda_build, emit
 from llmgen.fileio import write_model
 from llmgen.reference import param_shapes
 from llmgen.verify import TOLERANCES
@@ -155,9 +155,14 @@ def emulated_source(out: Path, main: str | None = None) -> str:
 SPEC = specs.load("test-odd").with_overrides(max_seq_len=160)
 
 
-def build(tmp: Path, precision: str) -> Path:
+def build(tmp: Path, precision: str, edit=None) -> Path:
+    """The emulated harness (and the rows driver) for SPEC in precision, --matmul tiled; edit,
+    if given, changes the emitted train_gpt2.cu's text first."""
     out = tmp / precision
-    emit(SPEC, out, "cuda", precision, "tiled")
+    with cuda_build(tf32=False):
+        emit(SPEC, out, "cuda", precision, "tiled")
+    if edit is not None:
+        (out / "train_gpt2.cu").write_text(edit((out / "train_gpt2.cu").read_text()))
     (out / "emulator.h").write_text(EMULATOR_H)
     for name, main in (("test_gpt2_emulated", None), ("rows_emulated", ROWS_MAIN)):
         (out / f"{name}.cpp").write_text(emulated_source(out, main))
