@@ -1,9 +1,15 @@
 """Compare the emitted C or CUDA trainer with the NumPy reference on the same model and data.
 
-The emitted side is test_gpt2.c or test_gpt2.cu (the trainer included with TESTING defined);
-the reference runs in float64 on the same float32 parameters (rounded to bf16 first when the
-CUDA trainer runs in bf16, so that both start from the same values). Errors are normwise:
-max |c - ref| / max |ref| over a tensor, so a tensor is judged by its largest values.
+The emitted side is test_gpt2.c or test_gpt2.cu (the trainer included with TESTING defined,
+or a copy the user edited: see edited.py); the reference runs in float64 on the same float32
+parameters (rounded to bf16 first when the CUDA trainer runs in bf16, so that both start from
+the same values). The harness writes what the trainer keeps: the activations of a forward,
+their gradients after a backward (C), the parameter gradients, the losses and norms of AdamW
+steps and the parameters after them. The rows follow the data (compare): each forward op with
+the activations it writes, layer by layer, then the backward ops in reverse with the
+activation and parameter gradients they compute, then the optimizer; the first row outside
+tolerance is the first divergence. Errors are normwise: max |c - ref| / max |ref| over a
+tensor (or one layer's slice of it), so a tensor is judged by its largest values.
 """
 
 from __future__ import annotations
