@@ -4,11 +4,14 @@
 // 768 channels, vocab 50257 (padded to 50304), context 1024, 124,475,904 parameters.
 // Build:  gcc -Ofast -march=native -fopenmp train_gpt2.c -lm -o train_gpt2   (or make)
 // Run:    ./train_gpt2 -h
+// MPI:    mpicc -Ofast -march=native -fopenmp -DUSE_MPI train_gpt2.c -lm -o train_gpt2   (or make mpi), then
+//         mpirun -np N ./train_gpt2 ...; without -DUSE_MPI nothing of MPI is compiled in.
 //
 // The file reads top to bottom: sizes, utilities, layers (each a forward and a backward),
 // the model (parameters, activations, forward, backward, AdamW), checkpoints, the data
-// loader, the tokenizer and sampler, and main. Shape comments use B (batch), T (time), C (channels),
-// NH (heads), HS (head size), L (layers), Vp (padded vocab), maxT (max sequence length).
+// loader, the tokenizer and sampler, the data-parallel training over MPI, and main. Shape
+// comments use B (batch), T (time), C (channels), NH (heads), HS (head size), L (layers),
+// Vp (padded vocab), maxT (max sequence length).
 //
 // Gradients. gpt2_zero_grad zeroes the parameter gradients and every backward function adds
 // (+=) into them, so micro-batches accumulate. Activation gradients are written (=), except
@@ -42,6 +45,9 @@
 #include <dirent.h>  // the utilities': listing the output dir, opening files, the int limits
 #include <fcntl.h>
 #include <limits.h>
+#ifdef USE_MPI
+#include <mpi.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // Model sizes, fixed when this file was generated
@@ -60,6 +66,10 @@
 // Utilities: errors, checked I/O and allocation, timing
 // ----------------------------------------------------------------------------
 
+// This process's rank among the processes of the run, and their number: 0 and 1, unless this
+// file is built with MPI (make mpi) and started by mpirun (see "Many processes: MPI").
+static int process_rank = 0, num_processes = 1;
+
 // The temporary file being written (see open_temporary), if any: die() removes it, so that a
 // failed write leaves nothing half-written behind.
 static char temporary_path[4096];
@@ -72,6 +82,8 @@ static void (*die_hook)(const char* message) = NULL;
 
 // Print one message naming what went wrong (and remove the temporary file being written, if
 // any), and exit non-zero.
+// Under MPI the message names the rank, and MPI_Abort stops every rank, so that none waits
+// for ever on this one.
 __attribute__((format(printf, 1, 2))) static void die(const char* fmt, ...) {
     char message[8192];
     va_list args;
@@ -85,12 +97,20 @@ __attribute__((format(printf, 1, 2))) static void die(const char* fmt, ...) {
 #ifdef TESTING
     if (die_hook != NULL) { die_hook(message); }
 #endif
+#ifdef USE_MPI
+    if (num_processes > 1) {
+        fprintf(stderr, "error: %s (rank %d of %d)\n", message, process_rank, num_processes);
+        fflush(stderr);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+#endif
     fprintf(stderr, "error: %s\n", message);
     exit(1);
 }
 
-// Print one warning line; the program goes on.
+// Print one warning line (rank 0's alone, under MPI); the program goes on.
 __attribute__((format(printf, 1, 2))) static void warn(const char* fmt, ...) {
+    if (process_rank != 0) { return; }
     va_list args;
     va_start(args, fmt);
     fprintf(stderr, "warning: ");
@@ -1556,6 +1576,8 @@ static float gpt2_grad_norm(const GPT2* model) {
 // grad_scale (the global norm clipping). Weight decay applies to the 2-D weights only:
 //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
 //   p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd p)
+// (Built with MPI, the trainer calls mpi_update instead: this one is left out.)
+#ifndef USE_MPI
 static void gpt2_update(GPT2* model, float lr, float beta1, float beta2, float eps,
                         float weight_decay, float grad_scale, int t) {
     float m_correction = 1.0f - powf(beta1, t);
@@ -1579,6 +1601,7 @@ static void gpt2_update(GPT2* model, float lr, float beta1, float beta2, float e
         offset += param_sizes[i];
     }
 }
+#endif
 
 // The learning rate at step (0-based): linear warmup, then cosine decay from lr down to
 // lr * final_frac at max_steps.
@@ -1843,6 +1866,8 @@ static int latest_checkpoint(const char* dir) {
 // A shard: 256 int32 header [magic 20240520, version 1, number of tokens, 0...], then the
 // tokens as uint16. The loader walks the shards matching a glob pattern in order, taking
 // B*T+1 tokens per batch (inputs, and targets shifted by one) and moving on by B*T.
+// Under MPI every rank's loader reads the batch of all N ranks (B here is N times -b) and each
+// rank trains on its own rows of it: rank r on rows r*B/N to (r+1)*B/N (see train_step).
 #define SHARD_MAGIC 20240520
 #define SHARD_VERSION 1
 
@@ -1878,6 +1903,10 @@ static size_t shard_tokens(const char* path, int B, int T) {
         die("%s: header says %d tokens but the file holds %ld (truncated or corrupt)", path, header[2], (size - (long)sizeof(header)) / 2);
     }
     if ((size_t)header[2] < (size_t)B * T + 1) {
+        if (num_processes > 1) {
+            die("%s: holds %d tokens, but one batch of all %d ranks needs N*B*T+1 = %zu", path, header[2], num_processes,
+                (size_t)B * T + 1);
+        }
         die("%s: holds %d tokens, but one batch needs B*T+1 = %zu", path, header[2], (size_t)B * T + 1);
     }
     return (size_t)header[2];
@@ -2225,6 +2254,179 @@ static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n,
 }
 
 // ----------------------------------------------------------------------------
+// Many processes: MPI (make mpi; mpirun -np N ./train_gpt2 ...)
+// ----------------------------------------------------------------------------
+// Built with -DUSE_MPI, the trainer runs as N processes (ranks) that train one model. Every
+// rank holds all the parameters and gradients, and reads every global micro-batch of N*B
+// rows; rank r computes the gradients of its own B rows of it, scaled by 1/(N*B*T*accum), so
+// that their sum is the gradient of the whole batch, as one process with -b N*B computes it.
+//
+// The sum is made in a fixed order, whatever the MPI library's: the parameters are cut into N
+// contiguous blocks, rank r gets block r of every rank's gradients (MPI_Alltoallv), adds them
+// in rank order 0, 1, ..., N-1, and every rank gets every summed block (MPI_Allgatherv). So
+// every rank holds the same gradients, bit for bit, and the same norm and clipping follow.
+//
+// AdamW then runs on every rank for all the parameters, or with -z 1 (ZeRO-1) on rank r for
+// block r alone: rank r keeps m and v for its block only (1/N of the optimizer's memory), and
+// the updated blocks are gathered (MPI_Allgatherv). The update's square root and division are
+// made in double, so that a parameter's update is the same whichever rank and thread makes it.
+//
+// Rank 0 alone prints, logs, samples and writes checkpoints (with -z 1 it gathers m and v
+// first), so a checkpoint is the same files as one process writes; on resume every rank reads
+// them (the output dir, like the data, must be on a file system that every rank sees) and
+// keeps its block of m and v. A rank that fails prints its error and stops all (MPI_Abort).
+#ifdef USE_MPI
+
+// The blocks of the parameters: rank r's is block_offset[r] .. block_offset[r] + block_count[r].
+static int* block_count;
+static int* block_offset;
+static float* grad_blocks; // (N, this rank's block) every rank's gradients for this rank's block
+static int zero_stage;     // -z: 1 shards AdamW's m and v over the ranks
+
+// Start MPI. Ranks other than 0 wait until rank 0 has checked the flags and the input
+// (mpi_inputs_checked), so that a bad flag or file is reported once, by rank 0; their stdout
+// goes to /dev/null: rank 0 alone prints.
+static void mpi_start(int* argc, char*** argv) {
+    if (MPI_Init(argc, argv) != MPI_SUCCESS) { die("MPI_Init failed"); }
+    MPI_Comm_rank(MPI_COMM_WORLD, &process_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &num_processes);
+    if (process_rank != 0) {
+        if (freopen("/dev/null", "w", stdout) == NULL) { die("cannot send stdout to /dev/null (%s)", strerror(errno)); }
+        MPI_Barrier(MPI_COMM_WORLD);
+    }
+}
+
+// Called by every rank once its input is checked: rank 0 lets the others go on, then all wait
+// for all.
+static void mpi_inputs_checked(void) {
+    if (process_rank == 0) { MPI_Barrier(MPI_COMM_WORLD); }
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// Cut the parameters into the ranks' blocks and allocate the buffer of the gradient sum; with
+// ZeRO-1 keep this rank's block of m and v alone (the model and state are loaded by now).
+static void mpi_setup(GPT2* model, int zero) {
+    zero_stage = zero;
+    block_count = (int*)malloc_check(num_processes * sizeof(int));
+    block_offset = (int*)malloc_check(num_processes * sizeof(int));
+    for (int r = 0; r < num_processes; r++) {
+        size_t lo = NUM_PARAMETERS * r / num_processes, hi = NUM_PARAMETERS * (r + 1) / num_processes;
+        if (hi > INT_MAX) { die("%llu parameters are too many for MPI's int counts", NUM_PARAMETERS); }
+        block_offset[r] = (int)lo;
+        block_count[r] = (int)(hi - lo);
+    }
+    size_t mine = block_count[process_rank], lo = block_offset[process_rank];
+    grad_blocks = (float*)malloc_check(num_processes * mine * sizeof(float));
+    if (zero) {
+        float* m = (float*)malloc_check(mine * sizeof(float));
+        float* v = (float*)malloc_check(mine * sizeof(float));
+        memcpy(m, model->m_memory + lo, mine * sizeof(float));
+        memcpy(v, model->v_memory + lo, mine * sizeof(float));
+        free(model->m_memory);
+        free(model->v_memory);
+        model->m_memory = m;
+        model->v_memory = v;
+    }
+}
+
+static void mpi_free(void) {
+    free(block_count);
+    free(block_offset);
+    free(grad_blocks);
+}
+
+// AdamW's m and v on this rank, in bytes.
+static size_t mpi_optimizer_bytes(void) {
+    return 2 * sizeof(float) * (zero_stage ? (size_t)block_count[process_rank] : NUM_PARAMETERS);
+}
+
+// The mean of x over the ranks, added in rank order: the same on every rank.
+static double mpi_mean(double x) {
+    double* all = (double*)malloc_check(num_processes * sizeof(double));
+    MPI_Allgather(&x, 1, MPI_DOUBLE, all, 1, MPI_DOUBLE, MPI_COMM_WORLD);
+    double sum = 0.0;
+    for (int r = 0; r < num_processes; r++) { sum += all[r]; }
+    free(all);
+    return sum / num_processes;
+}
+
+// Sum the gradients of all ranks, in rank order, block by block (see above); every rank ends
+// with the sum in grads_memory.
+static void mpi_sum_gradients(GPT2* model) {
+    int mine = block_count[process_rank];
+    int* recv_count = (int*)malloc_check(num_processes * sizeof(int));
+    int* recv_offset = (int*)malloc_check(num_processes * sizeof(int));
+    for (int r = 0; r < num_processes; r++) {
+        recv_count[r] = mine;
+        recv_offset[r] = r * mine;
+    }
+    MPI_Alltoallv(model->grads_memory, block_count, block_offset, MPI_FLOAT,
+                  grad_blocks, recv_count, recv_offset, MPI_FLOAT, MPI_COMM_WORLD);
+    float* sum = model->grads_memory + block_offset[process_rank];
+    #pragma omp parallel for
+    for (int i = 0; i < mine; i++) {
+        float s = grad_blocks[i];
+        for (int r = 1; r < num_processes; r++) { s += grad_blocks[(size_t)r * mine + i]; }
+        sum[i] = s;
+    }
+    MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, model->grads_memory, block_count, block_offset, MPI_FLOAT, MPI_COMM_WORLD);
+    free(recv_count);
+    free(recv_offset);
+}
+
+// AdamW as gpt2_update, for this rank's block with ZeRO-1 (m and v hold that block alone) or
+// for all the parameters; with ZeRO-1 every rank then gets every updated block.
+static void mpi_update(GPT2* model, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale,
+                       int t) {
+    size_t lo = zero_stage ? (size_t)block_offset[process_rank] : 0;
+    size_t hi = zero_stage ? lo + block_count[process_rank] : NUM_PARAMETERS;
+    double m_correction = 1.0 - pow(beta1, t);
+    double v_correction = 1.0 - pow(beta2, t);
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; offset += param_sizes[i], i++) {
+        size_t start = offset > lo ? offset : lo, end = offset + param_sizes[i] < hi ? offset + param_sizes[i] : hi;
+        if (start >= end) { continue; }
+        float wd = param_decay[i] ? weight_decay : 0.0f;
+        float* p = model->params_memory;
+        const float* g = model->grads_memory;
+        float* m = model->m_memory;  // m[j - lo] is parameter j's first moment
+        float* v = model->v_memory;
+        #pragma omp parallel for
+        for (size_t j = start; j < end; j++) {
+            float grad = g[j] * grad_scale;
+            m[j - lo] = beta1 * m[j - lo] + (1.0f - beta1) * grad;
+            v[j - lo] = beta2 * v[j - lo] + (1.0f - beta2) * grad * grad;
+            double m_hat = m[j - lo] / m_correction;
+            double v_hat = v[j - lo] / v_correction;
+            p[j] = (float)(p[j] - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p[j]));
+        }
+    }
+    if (zero_stage) {
+        MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, model->params_memory, block_count, block_offset, MPI_FLOAT,
+                       MPI_COMM_WORLD);
+    }
+}
+
+// A checkpoint, written by rank 0; with ZeRO-1 rank 0 first gathers the whole m and v (it
+// holds them while it writes), so the state file is the one a single process writes.
+static void mpi_save_checkpoint(const GPT2* model, const TrainState* s, const char* dir) {
+    if (!zero_stage) {
+        if (process_rank == 0) { save_checkpoint(model, s, dir); }
+        return;
+    }
+    GPT2 whole = *model;
+    whole.m_memory = process_rank == 0 ? (float*)malloc_check(NUM_PARAMETERS * sizeof(float)) : NULL;
+    whole.v_memory = process_rank == 0 ? (float*)malloc_check(NUM_PARAMETERS * sizeof(float)) : NULL;
+    int mine = block_count[process_rank];
+    MPI_Gatherv(model->m_memory, mine, MPI_FLOAT, whole.m_memory, block_count, block_offset, MPI_FLOAT, 0, MPI_COMM_WORLD);
+    MPI_Gatherv(model->v_memory, mine, MPI_FLOAT, whole.v_memory, block_count, block_offset, MPI_FLOAT, 0, MPI_COMM_WORLD);
+    if (process_rank == 0) { save_checkpoint(&whole, s, dir); }
+    free(whole.m_memory);
+    free(whole.v_memory);
+}
+#endif
+
+// ----------------------------------------------------------------------------
 // Training: one optimizer step, validation, and main
 // ----------------------------------------------------------------------------
 
@@ -2232,33 +2434,49 @@ static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n,
 // (the first batch again and again when overfit), clipped to a global norm of grad_clip
 // (0: off), then AdamW. Returns the mean loss (the backward computes it on the way); the norm
 // before clipping goes to *norm.
+// Under MPI this rank trains on its B rows of each batch of N*B, and the gradients and
+// losses of all ranks are summed before the norm.
 static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int overfit, float lr,
                         float weight_decay, float grad_clip, int t, float* norm) {
-    int B = loader->B, T = loader->T;
+    int B = loader->B / num_processes, T = loader->T;
+    const int* inputs = loader->inputs + (size_t)process_rank * B * T;
+    const int* targets = loader->targets + (size_t)process_rank * B * T;
     double loss = 0.0;
     gpt2_zero_grad(model);
     for (int micro = 0; micro < grad_accum; micro++) {
         if (overfit) { dataloader_seek(loader, 0, 0); }
         dataloader_next_batch(loader);
-        gpt2_forward(model, loader->inputs, NULL, B, T);
-        gpt2_backward(model, loader->targets, 1.0f / ((float)B * T * grad_accum), B, T);
+        gpt2_forward(model, inputs, NULL, B, T);
+        gpt2_backward(model, targets, 1.0f / ((float)B * T * grad_accum * num_processes), B, T);
         loss += model->mean_loss;
     }
+#ifdef USE_MPI
+    mpi_sum_gradients(model);
+    loss = mpi_mean(loss);
+#endif
     *norm = gpt2_grad_norm(model);
     float scale = grad_clip > 0.0f && *norm > grad_clip ? grad_clip / *norm : 1.0f;
+#ifdef USE_MPI
+    mpi_update(model, lr, 0.9f, 0.95f, 1e-8f, weight_decay, scale, t);
+#else
     gpt2_update(model, lr, 0.9f, 0.95f, 1e-8f, weight_decay, scale, t);
+#endif
     return (float)(loss / grad_accum);
 }
 
-// Mean loss over the first num_batches batches of the loader.
+// Mean loss over the first num_batches batches of the loader (under MPI, each rank's rows, and then the mean over the ranks).
 static float evaluate(GPT2* model, DataLoader* loader, int num_batches) {
+    int B = loader->B / num_processes, T = loader->T;
     double loss = 0.0;
     dataloader_seek(loader, 0, 0);
     for (int i = 0; i < num_batches; i++) {
         dataloader_next_batch(loader);
-        gpt2_forward(model, loader->inputs, loader->targets, loader->B, loader->T);
+        gpt2_forward(model, loader->inputs + (size_t)process_rank * B * T, loader->targets + (size_t)process_rank * B * T, B, T);
         loss += model->mean_loss;
     }
+#ifdef USE_MPI
+    loss = mpi_mean(loss);
+#endif
     return (float)(loss / num_batches);
 }
 
@@ -2294,6 +2512,9 @@ typedef struct {
     int overfit;                    // -a
     float grad_clip;                // -G
     long long seed;                 // -S
+#ifdef USE_MPI
+    int zero;                    // -z
+#endif
 } Config;
 
 static void usage(int status) {
@@ -2331,6 +2552,10 @@ static void usage(int status) {
         "  -G <float>  clip the global gradient norm to this (default 1.0; 0 disables)\n"
         "  -S <int>    random seed for the init and the sampler (default 42)\n"
         "  -h          this help\n", MAX_SEQ_LEN, 64);
+#ifdef USE_MPI
+    fprintf(out, "Built with MPI: mpirun -np N ./train_gpt2 ... trains on N ranks, each on B rows of every N*B.\n"
+                 "  -z <int>    1: ZeRO-1, each rank keeps AdamW's m and v for 1/N of the parameters (default 0)\n");
+#endif
     if (status == 0) { flush_check(stdout, "stdout"); }
     exit(status);
 }
@@ -2430,6 +2655,9 @@ static void parse_args(Config* c, int argc, char** argv) {
             case 'P': c->prompt_ids = value; break;
             case 'K': c->top_k = (int)parse_int(flag, value, 0, INT_MAX); break;
             case 'R': c->temperature = parse_float(flag, value); break;
+#ifdef USE_MPI
+            case 'z': c->zero = (int)parse_int(flag, value, 0, 1); break;
+#endif
             default: fprintf(stderr, "error: unknown flag %s\n", flag); usage(1);
         }
     }
@@ -2441,6 +2669,16 @@ static void check_config(Config* c) {
     if (c->T <= 0 || c->T > MAX_SEQ_LEN) { die("-t: the sequence length must be between 1 and max_seq_len %d, got %d", MAX_SEQ_LEN, c->T); }
     long long BT = (long long)c->B * c->T;
     if (BT > MAX_BATCH_TOKENS) { die("-b, -t: B*T = %lld tokens is more than a batch can hold (%d)", BT, MAX_BATCH_TOKENS); }
+    if (num_processes > 1) {  // under MPI a batch is B rows on each of N ranks
+        long long NBT = BT * num_processes;
+        if (NBT > INT_MAX) { die("-b, -t: B*T*N = %lld tokens (N = %d ranks) is more than a batch can hold (%d)", NBT, num_processes, INT_MAX); }
+        if (c->total_batch == -1) { c->total_batch = (int)NBT; }
+        if (c->total_batch <= 0 || c->total_batch % NBT != 0) {
+            die("-d: the total batch %d tokens is not a positive multiple of B*T*N = %lld (N = %d ranks)", c->total_batch, NBT,
+                num_processes);
+        }
+        BT = NBT;
+    }
     if (c->total_batch == -1) { c->total_batch = (int)BT; }
     if (c->total_batch <= 0 || c->total_batch % BT != 0) {
         die("-d: the total batch %d tokens is not a positive multiple of B*T = %lld", c->total_batch, BT);
@@ -2479,6 +2717,13 @@ static void load_checkpoint(Run* r, const Config* c, int step) {
     format_path(path, sizeof(path), "%s/state_%08d_00000.bin", c->out_dir, step);
     load_state(&r->model, &r->state, path);
     if (r->state.step != step) { die("%s: training state step %d is not the step %d of its name", path, r->state.step, step); }
+#ifdef USE_MPI
+    size_t bt = (size_t)r->train_loader.B * r->train_loader.T, written = r->state.batch_tokens == 0 ? bt : r->state.batch_tokens;
+    if (!c->sample_only && r->state.batch * written % bt != 0) {  // N*B*T changed since it was written
+        die("%s: the data position, batch %zu of %zu tokens, is not a whole number of this run's batches of N*B*T = %zu tokens",
+            path, r->state.batch, written, bt);
+    }
+#endif
     if (!c->sample_only) { dataloader_resume(&r->train_loader, &r->state, path); }
 }
 
@@ -2487,7 +2732,7 @@ static void load_checkpoint(Run* r, const Config* c, int step) {
 // run refused leaves the output dir as it was), and print what the run will do.
 static void setup(Run* r, Config* c) {
     memset(r, 0, sizeof(*r));
-    r->info = c->sample_only ? stderr : stdout;
+    r->info = c->sample_only && process_rank == 0 ? stderr : stdout;  // other ranks' stdout is /dev/null
     r->n_prompt = 1;
     if (c->prompt_ids != NULL) {
         r->n_prompt = parse_prompt(c->prompt_ids, &r->prompt);
@@ -2502,7 +2747,7 @@ static void setup(Run* r, Config* c) {
 
     int resume_step = c->resume ? latest_checkpoint(c->out_dir) : -1;
     if (c->resume && resume_step < 0 && c->sample_only) { die("-x 0 -y 1: no checkpoint in %s to sample from", c->out_dir); }
-    if (!c->sample_only) { dataloader_init(&r->train_loader, c->train_pattern, c->B, c->T); }
+    if (!c->sample_only) { dataloader_init(&r->train_loader, c->train_pattern, c->B * num_processes, c->T); }
     gpt2_alloc(&r->model, c->B, c->T);
     r->state.rng = (uint64_t)c->seed * 0x9E3779B97F4A7C15ULL + 7;  // the sampler's; step and data position 0
     if (resume_step >= 0) {
@@ -2519,7 +2764,7 @@ static void setup(Run* r, Config* c) {
     globfree(&val_check);
     if (!have_val && c->val_pattern_given) { die("%s: no token shard matches this pattern", c->val_pattern); }
     if (have_val && c->val_every > 0) {
-        dataloader_init(&r->val_loader, c->val_pattern, c->B, c->T);
+        dataloader_init(&r->val_loader, c->val_pattern, c->B * num_processes, c->T);
         r->val_batches = r->val_loader.num_batches < (size_t)c->val_max_batches ? (int)r->val_loader.num_batches : c->val_max_batches;
     }
     if (c->max_steps < 0) {
@@ -2530,9 +2775,13 @@ static void setup(Run* r, Config* c) {
         die("-x: the run has %d steps, but the checkpoint in %s is at step %d already", c->max_steps, c->out_dir, r->start_step);
     }
 
+#ifdef USE_MPI
+    mpi_setup(&r->model, c->zero);
+    mpi_inputs_checked();
+#endif
     if (c->resume && resume_step < 0) { printf("no checkpoint in %s: starting from scratch\n", c->out_dir); }
     if (resume_step >= 0) { fprintf(r->info, "resuming from step %d in %s\n", r->state.step, c->out_dir); }
-    if (c->out_dir != NULL && !c->sample_only) {  // sampling only leaves the run's log alone
+    if (c->out_dir != NULL && !c->sample_only && process_rank == 0) {  // sampling only leaves the run's log alone
         if (mkdir(c->out_dir, 0755) != 0 && errno != EEXIST) { die("%s: cannot create the output dir (%s)", c->out_dir, strerror(errno)); }
         format_path(r->log_path, sizeof(r->log_path), "%s/main.log", c->out_dir);
         r->log = fopen(r->log_path, resume_step >= 0 ? "a" : "w");
@@ -2547,6 +2796,11 @@ static void setup(Run* r, Config* c) {
                c->grad_accum,
                c->grad_accum == 1 ? "" : "es", c->max_steps, hardware_description());
     }
+#ifdef USE_MPI
+    printf("MPI: %d ranks, each trains on B=%d rows of every %d; AdamW's m and v: %.1f MiB per rank (%s)\n",
+           num_processes, c->B, c->B * num_processes, mpi_optimizer_bytes() / 1048576.0,
+           c->zero ? "-z 1, ZeRO-1: each rank holds its 1/N" : "-z 0: every rank holds all");
+#endif
     fprintf(r->info, "val %s: %d batches\n", r->val_batches > 0 ? c->val_pattern : "(none)", r->val_batches);
     fprintf(r->info, "samples: %s; temperature %g, top-k %d\n", r->tokenizer.ok ? c->tokenizer_path : "token ids (no tokenizer)",
             c->temperature, c->top_k);
@@ -2576,7 +2830,9 @@ static void train_loop(Run* r, const Config* c) {
             fprintf(r->info, "val loss %f\n", val_loss);
             log_line(r, "s:%d tel:%.4f\n", step, val_loss);
         }
-        if (c->sample_only) {
+        if (process_rank != 0) {
+            // rank 0 alone samples
+        } else if (c->sample_only) {
             double seconds = gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, c->samples, &r->sampler,
                                            &r->tokenizer, stdout, &r->state.rng);
             printf("\n");
@@ -2592,9 +2848,13 @@ static void train_loop(Run* r, const Config* c) {
         if (c->checkpoint_every > 0 && step > r->start_step && (step % c->checkpoint_every == 0 || last_step)) {
             r->state.step = step;
             r->state.shard = r->train_loader.shard;
-            r->state.batch = r->train_loader.position / ((size_t)c->B * c->T);
-            r->state.batch_tokens = (size_t)c->B * c->T;
+            r->state.batch = r->train_loader.position / ((size_t)r->train_loader.B * c->T);
+            r->state.batch_tokens = (size_t)r->train_loader.B * c->T;
+#ifdef USE_MPI
+            mpi_save_checkpoint(model, &r->state, c->out_dir);
+#else
             save_checkpoint(model, &r->state, c->out_dir);
+#endif
         }
         flush_check(stdout, "stdout");
         if (last_step) { break; }
@@ -2644,6 +2904,9 @@ static void limit_threads(void) {
 }
 
 int main(int argc, char** argv) {
+#ifdef USE_MPI
+    mpi_start(&argc, &argv);
+#endif
     limit_threads();
     Config config;
     parse_args(&config, argc, argv);
@@ -2652,6 +2915,10 @@ int main(int argc, char** argv) {
     setup(&run, &config);
     train_loop(&run, &config);
     teardown(&run, &config);
+#ifdef USE_MPI
+    mpi_free();
+    MPI_Finalize();
+#endif
     return 0;
 }
 #endif

@@ -63,6 +63,10 @@
 // Utilities: errors, checked I/O and allocation, timing
 // ----------------------------------------------------------------------------
 
+// This process's rank among the processes of the run, and their number: this trainer runs
+// as one process.
+static int process_rank = 0, num_processes = 1;
+
 // The temporary file being written (see open_temporary), if any: die() removes it, so that a
 // failed write leaves nothing half-written behind.
 static char temporary_path[4096];
@@ -3303,14 +3307,16 @@ static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n,
 // before clipping goes to *norm.
 static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int overfit, float lr,
                         float weight_decay, float grad_clip, int t, float* norm) {
-    int B = loader->B, T = loader->T;
+    int B = loader->B / num_processes, T = loader->T;
+    const int* inputs = loader->inputs + (size_t)process_rank * B * T;
+    const int* targets = loader->targets + (size_t)process_rank * B * T;
     double loss = 0.0;
     gpt2_zero_grad(model);
     for (int micro = 0; micro < grad_accum; micro++) {
         if (overfit) { dataloader_seek(loader, 0, 0); }
         dataloader_next_batch(loader);
-        gpt2_forward(model, loader->inputs, NULL, B, T);
-        gpt2_backward(model, loader->targets, 1.0f / ((float)B * T * grad_accum), B, T);
+        gpt2_forward(model, inputs, NULL, B, T);
+        gpt2_backward(model, targets, 1.0f / ((float)B * T * grad_accum * num_processes), B, T);
         loss += model->mean_loss;
     }
     *norm = gpt2_grad_norm(model);
@@ -3321,11 +3327,12 @@ static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int ove
 
 // Mean loss over the first num_batches batches of the loader.
 static float evaluate(GPT2* model, DataLoader* loader, int num_batches) {
+    int B = loader->B / num_processes, T = loader->T;
     double loss = 0.0;
     dataloader_seek(loader, 0, 0);
     for (int i = 0; i < num_batches; i++) {
         dataloader_next_batch(loader);
-        gpt2_forward(model, loader->inputs, loader->targets, loader->B, loader->T);
+        gpt2_forward(model, loader->inputs + (size_t)process_rank * B * T, loader->targets + (size_t)process_rank * B * T, B, T);
         loss += model->mean_loss;
     }
     return (float)(loss / num_batches);
@@ -3556,7 +3563,7 @@ static void load_checkpoint(Run* r, const Config* c, int step) {
 // run refused leaves the output dir as it was), and print what the run will do.
 static void setup(Run* r, Config* c) {
     memset(r, 0, sizeof(*r));
-    r->info = c->sample_only ? stderr : stdout;
+    r->info = c->sample_only && process_rank == 0 ? stderr : stdout;
     r->n_prompt = 1;
     if (c->prompt_ids != NULL) {
         r->n_prompt = parse_prompt(c->prompt_ids, &r->prompt);
@@ -3571,7 +3578,7 @@ static void setup(Run* r, Config* c) {
 
     int resume_step = c->resume ? latest_checkpoint(c->out_dir) : -1;
     if (c->resume && resume_step < 0 && c->sample_only) { die("-x 0 -y 1: no checkpoint in %s to sample from", c->out_dir); }
-    if (!c->sample_only) { dataloader_init(&r->train_loader, c->train_pattern, c->B, c->T); }
+    if (!c->sample_only) { dataloader_init(&r->train_loader, c->train_pattern, c->B * num_processes, c->T); }
     gpt2_alloc(&r->model, c->B, c->T);
     r->state.rng = (uint64_t)c->seed * 0x9E3779B97F4A7C15ULL + 7;  // the sampler's; step and data position 0
     if (resume_step >= 0) {
@@ -3588,7 +3595,7 @@ static void setup(Run* r, Config* c) {
     globfree(&val_check);
     if (!have_val && c->val_pattern_given) { die("%s: no token shard matches this pattern", c->val_pattern); }
     if (have_val && c->val_every > 0) {
-        dataloader_init(&r->val_loader, c->val_pattern, c->B, c->T);
+        dataloader_init(&r->val_loader, c->val_pattern, c->B * num_processes, c->T);
         r->val_batches = r->val_loader.num_batches < (size_t)c->val_max_batches ? (int)r->val_loader.num_batches : c->val_max_batches;
     }
     if (c->max_steps < 0) {
@@ -3601,7 +3608,7 @@ static void setup(Run* r, Config* c) {
 
     if (c->resume && resume_step < 0) { printf("no checkpoint in %s: starting from scratch\n", c->out_dir); }
     if (resume_step >= 0) { fprintf(r->info, "resuming from step %d in %s\n", r->state.step, c->out_dir); }
-    if (c->out_dir != NULL && !c->sample_only) {  // sampling only leaves the run's log alone
+    if (c->out_dir != NULL && !c->sample_only && process_rank == 0) {  // sampling only leaves the run's log alone
         if (mkdir(c->out_dir, 0755) != 0 && errno != EEXIST) { die("%s: cannot create the output dir (%s)", c->out_dir, strerror(errno)); }
         format_path(r->log_path, sizeof(r->log_path), "%s/main.log", c->out_dir);
         r->log = fopen(r->log_path, resume_step >= 0 ? "a" : "w");
@@ -3645,7 +3652,9 @@ static void train_loop(Run* r, const Config* c) {
             fprintf(r->info, "val loss %f\n", val_loss);
             log_line(r, "s:%d tel:%.4f\n", step, val_loss);
         }
-        if (c->sample_only) {
+        if (process_rank != 0) {
+            // rank 0 alone samples
+        } else if (c->sample_only) {
             double seconds = gpt2_generate(model, r->prompt, r->n_prompt, c->gen_tokens, c->T, c->samples, &r->sampler,
                                            &r->tokenizer, stdout, &r->state.rng);
             printf("\n");
@@ -3661,8 +3670,8 @@ static void train_loop(Run* r, const Config* c) {
         if (c->checkpoint_every > 0 && step > r->start_step && (step % c->checkpoint_every == 0 || last_step)) {
             r->state.step = step;
             r->state.shard = r->train_loader.shard;
-            r->state.batch = r->train_loader.position / ((size_t)c->B * c->T);
-            r->state.batch_tokens = (size_t)c->B * c->T;
+            r->state.batch = r->train_loader.position / ((size_t)r->train_loader.B * c->T);
+            r->state.batch_tokens = (size_t)r->train_loader.B * c->T;
             save_checkpoint(model, &r->state, c->out_dir);
         }
         flush_check(stdout, "stdout");
