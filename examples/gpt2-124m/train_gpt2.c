@@ -2303,6 +2303,13 @@ static void mpi_inputs_checked(void) {
     MPI_Barrier(MPI_COMM_WORLD);
 }
 
+// -h: rank 0 has printed the help. It lets the others go on, and they come here too (every
+// rank parses the same flags): all stop together, with status 0.
+static void mpi_stop_at_help(void) {
+    if (process_rank == 0) { MPI_Barrier(MPI_COMM_WORLD); }
+    MPI_Finalize();
+}
+
 // Cut the parameters into the ranks' blocks and allocate the buffer of the gradient sum; with
 // ZeRO-1 keep this rank's block of m and v alone (the model and state are loaded by now).
 static void mpi_setup(GPT2* model, int zero) {
@@ -2557,6 +2564,9 @@ static void usage(int status) {
                  "  -z <int>    1: ZeRO-1, each rank keeps AdamW's m and v for 1/N of the parameters (default 0)\n");
 #endif
     if (status == 0) { flush_check(stdout, "stdout"); }
+#ifdef USE_MPI
+    if (status == 0) { mpi_stop_at_help(); }
+#endif
     exit(status);
 }
 
