@@ -151,3 +151,25 @@ def test_the_plain_build_has_no_mpi(tiny_trainer, mpi_trainer):
                                                                 text=True).stdout
     assert "unknown flag -z" in run_trainer(tiny_trainer, "-z", 1, check=False).stderr
     assert "  -z <int>    1: ZeRO-1" in trained(mpirun(mpi_trainer, 1, "-h"))
+
+
+def test_a_rank_that_fails_alone_stops_the_others(mpi_trainer, tiny_data, tmp_path):
+    """Rank 1 given other data (mpirun's A : B form): a missing file stops it as it starts, a
+    bad token in its data in the middle of training, while rank 0 waits in a collective."""
+    def two(args0, args1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+               "-np", "1", str(mpi_trainer), *map(str, args0), ":", "-np", "1", str(mpi_trainer), *map(str, args1)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    base = ["-t", 16, "-b", 2, "-x", 4, "-v", 0, "-s", 0]
+    good = tmp_path / "good.bin"
+    write_shard(good, random_tokens(2000, 64))
+    err = one_error(two(["-i", good, *base], ["-i", tmp_path / "gone.bin", *base]))
+    assert "gone.bin: no token shard matches this pattern (rank 1 of 2)" in err
+    tokens = random_tokens(2000, 64)
+    tokens[200] = 64  # in the batch of step 4: the loader reads the batch of both ranks, 4 x 16 tokens
+    write_shard(tmp_path / "bad.bin", tokens)
+    result = two(["-i", good, *base], ["-i", tmp_path / "bad.bin", *base])
+    err = one_error(result)
+    assert "bad.bin: token 64 at position 200 is not below the vocab size 64 (rank 1 of 2)" in err
+    assert "step 3/4" in result.stdout and "step 4/4" not in result.stdout

@@ -3618,10 +3618,9 @@ static void setup(Run* r, Config* c) {
     fprintf(r->info, "model gpt2-124m: %d layers, %d heads, %d channels, vocab %d (padded %d), %llu parameters\n",
             NUM_LAYERS, NUM_HEADS, CHANNELS, VOCAB_SIZE, PADDED_VOCAB_SIZE, NUM_PARAMETERS);
     if (!c->sample_only) {
-        printf("train %s: %zu batches of B=%d x T=%d; total batch %d tokens in %d micro-batch%s; %d steps; %s\n",
-               c->train_pattern, r->train_loader.num_batches, c->B, c->T, c->total_batch,
-               c->grad_accum,
-               c->grad_accum == 1 ? "" : "es", c->max_steps, hardware_description());
+        printf("train %s: %zu batches of %s=%d x T=%d; total batch %d tokens in %d micro-batch%s; %d steps; %s\n",
+               c->train_pattern, r->train_loader.num_batches, num_processes > 1 ? "N*B" : "B", r->train_loader.B, c->T,
+               c->total_batch, c->grad_accum, c->grad_accum == 1 ? "" : "es", c->max_steps, hardware_description());
     }
     fprintf(r->info, "val %s: %d batches\n", r->val_batches > 0 ? c->val_pattern : "(none)", r->val_batches);
     fprintf(r->info, "samples: %s; temperature %g, top-k %d\n", r->tokenizer.ok ? c->tokenizer_path : "token ids (no tokenizer)",
