@@ -44,9 +44,10 @@ def kernels(spec, precision):
 
 def usage_lines(src: str) -> list[str]:
     """The lines of the usage text in an emitted main, but the default -t (64 on the CPU, the
-    whole context on a GPU)."""
+    whole context on a GPU) and what the C trainer's MPI build adds (#ifdef USE_MPI)."""
     start = src.index('"usage: ./')
     text = src[start:src.index("exit(status);", start)]
+    text = re.sub(r"^#ifdef USE_MPI\n.*?^#endif\n", "", text, flags=re.M | re.S)
     return re.sub(r"MAX_SEQ_LEN, \d+\);", "MAX_SEQ_LEN, DEFAULT_T);", text).splitlines()
 
 
