@@ -637,7 +637,7 @@ def render(spec: Spec, target: Target | str = Target.C, precision: Precision | s
         version=__version__, origin=origin(spec), parts=parts,
         default=[programs[name][0] for name, _ in make_parts],
         programs=[p for name, _ in make_parts for p in programs[name]],
-        phony=["all", "clean"] + (["fuzz", "mpi"] if target.c else []) + (["nvcc-check", "cuda-info"] if target.cuda else [])))
+        phony=["all", "clean"] + (["fuzz", "mpi"] if target.c else []) + (["nvcc-check", "cuda-info", "nccl"] if target.cuda else [])))
     return files
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from llmgen import spec as specs
 from llmgen.emit import emit, render, render_kernels
+from llmgen.fileio import write_shard
 
 from conftest import llmgen
 
@@ -279,3 +280,29 @@ def test_recompute_gelu_keeps_one_layer_of_gelu_output():
     assert "(size_t)NUM_LAYERS * B * T * 4 * CHANNELS * sizeof(floatX), \"the activation fch_gelu\"" in plain
     assert src.count("gelu_forward(a.fch_gelu, la.fch, BT * 4 * C);") == 1 and "gelu_forward(a.fch_gelu" not in plain
     assert "--recompute-gelu" in src and "--recompute-gelu" not in plain
+
+
+NCCL_HEADER = Path(NVCC).resolve().parent.parent / "include" / "nccl.h"
+
+
+@needs_nvcc
+@pytest.mark.skipif(shutil.which("mpicc") is None or shutil.which("mpirun") is None, reason="needs Open MPI's mpicc and mpirun")
+@pytest.mark.skipif(not NCCL_HEADER.exists() and not Path("/usr/include/nccl.h").exists(), reason="NCCL not found")
+def test_make_nccl_builds_and_links_with_mpi_and_nccl(tmp_path):
+    """make nccl: the trainer with -DUSE_MPI, warning-free, linked to libnccl and libmpi; on a
+    machine without a GPU, 2 ranks stop with rank 0's error, and -h stops both cleanly."""
+    emit(specs.load("test-tiny"), tmp_path, "cuda", "bf16")
+    build = make(tmp_path, "nccl", "GPU_ARCH=80", f"NVCCFLAGS={WERROR}")
+    assert build.returncode == 0, build.stderr
+    libs = subprocess.run(["ldd", str(tmp_path / "train_gpt2cu")], capture_output=True, text=True).stdout
+    assert "libnccl" in libs and "libmpi" in libs
+    mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2", "./train_gpt2cu"]
+    help = subprocess.run(mpirun + ["-h"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert help.returncode == 0 and "Built with MPI and NCCL: mpirun -np N ./train_gpt2cu" in help.stdout, help.stderr
+    if not shutil.which("nvidia-smi"):
+        write_shard(tmp_path / "tokens.bin", [1, 2, 3] * 1000)
+        run = subprocess.run(mpirun + ["-i", "tokens.bin", "-x", "1"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+        assert run.returncode != 0 and len(errors) == 1 and errors[0].startswith("error: no CUDA device"), run.stderr
+        assert errors[0].endswith("(rank 0 of 2)")

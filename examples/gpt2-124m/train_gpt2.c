@@ -81,9 +81,8 @@ static void (*die_hook)(const char* message) = NULL;
 #endif
 
 // Print one message naming what went wrong (and remove the temporary file being written, if
-// any), and exit non-zero.
-// Under MPI the message names the rank, and MPI_Abort stops every rank, so that none waits
-// for ever on this one.
+// any), and exit non-zero. Under MPI the message names the rank, and MPI_Abort stops every
+// rank, so that none waits for ever on this one.
 __attribute__((format(printf, 1, 2))) static void die(const char* fmt, ...) {
     char message[8192];
     va_list args;
@@ -2310,6 +2309,16 @@ static void mpi_stop_at_help(void) {
     MPI_Finalize();
 }
 
+// The mean of x over the ranks, added in rank order: the same on every rank.
+static double mpi_mean(double x) {
+    double* all = (double*)malloc_check(num_processes * sizeof(double));
+    MPI_Allgather(&x, 1, MPI_DOUBLE, all, 1, MPI_DOUBLE, MPI_COMM_WORLD);
+    double sum = 0.0;
+    for (int r = 0; r < num_processes; r++) { sum += all[r]; }
+    free(all);
+    return sum / num_processes;
+}
+
 // Cut the parameters into the ranks' blocks and allocate the buffer of the gradient sum; with
 // ZeRO-1 keep this rank's block of m and v alone (the model and state are loaded by now).
 static void mpi_setup(GPT2* model, int zero) {
@@ -2345,16 +2354,6 @@ static void mpi_free(void) {
 // AdamW's m and v on this rank, in bytes.
 static size_t mpi_optimizer_bytes(void) {
     return 2 * sizeof(float) * (zero_stage ? (size_t)block_count[process_rank] : NUM_PARAMETERS);
-}
-
-// The mean of x over the ranks, added in rank order: the same on every rank.
-static double mpi_mean(double x) {
-    double* all = (double*)malloc_check(num_processes * sizeof(double));
-    MPI_Allgather(&x, 1, MPI_DOUBLE, all, 1, MPI_DOUBLE, MPI_COMM_WORLD);
-    double sum = 0.0;
-    for (int r = 0; r < num_processes; r++) { sum += all[r]; }
-    free(all);
-    return sum / num_processes;
 }
 
 // Sum the gradients of all ranks, in rank order, block by block (see above); every rank ends
@@ -2471,7 +2470,8 @@ static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int ove
     return (float)(loss / grad_accum);
 }
 
-// Mean loss over the first num_batches batches of the loader (under MPI, each rank's rows, and then the mean over the ranks).
+// Mean loss over the first num_batches batches of the loader (under MPI, each rank's rows, and
+// then the mean over the ranks).
 static float evaluate(GPT2* model, DataLoader* loader, int num_batches) {
     int B = loader->B / num_processes, T = loader->T;
     double loss = 0.0;

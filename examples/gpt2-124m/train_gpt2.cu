@@ -6,13 +6,15 @@
 // Build:  nvcc -O3 --use_fast_math -arch=native train_gpt2.cu -lcublasLt -o train_gpt2cu
 //         (or make, which finds CUDA by itself)
 // Run:    ./train_gpt2cu -h
+// MPI:    make nccl builds it with -DUSE_MPI, MPI and NCCL; mpirun -np N ./train_gpt2cu ... trains on N
+//         GPUs. Without -DUSE_MPI nothing of MPI or NCCL is compiled in.
 //
 // It takes the same flags, prints the same log lines, and reads and writes the same files as
 // llmgen's train_gpt2.c. The file reads top to bottom: sizes, utilities, the CUDA kernels layer
 // by layer (each followed by the host function that launches it), the model (forward,
-// backward, AdamW), checkpoints, the data loader, the tokenizer and sampler, and main. Shape
-// comments use B (batch), T (time), C (channels), NH (heads), HS (head size), L (layers),
-// Vp (padded vocab), maxT.
+// backward, AdamW), checkpoints, the data loader, the tokenizer and sampler, the
+// data-parallel training over MPI and NCCL, and main. Shape comments use B (batch), T (time),
+// C (channels), NH (heads), HS (head size), L (layers), Vp (padded vocab), maxT.
 //
 // Gradients. gpt2_zero_grad zeroes the parameter gradients (fp32) and every backward kernel
 // adds (+=) into them, so micro-batches accumulate. Activation gradients are written (=),
@@ -45,6 +47,11 @@
 #include <dirent.h>  // the utilities': listing the output dir, opening files, the int limits
 #include <fcntl.h>
 #include <limits.h>
+#ifdef USE_MPI
+#define OMPI_SKIP_MPICXX 1  // MPI's C API alone: nvcc compiles C++, and Open MPI's C++ bindings warn
+#include <mpi.h>
+#include <nccl.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // Model sizes, fixed when this file was generated
@@ -63,8 +70,8 @@
 // Utilities: errors, checked I/O and allocation, timing
 // ----------------------------------------------------------------------------
 
-// This process's rank among the processes of the run, and their number: this trainer runs
-// as one process.
+// This process's rank among the processes of the run, and their number: 0 and 1, unless this
+// file is built with MPI (make nccl) and started by mpirun (see "Many processes: MPI and NCCL").
 static int process_rank = 0, num_processes = 1;
 
 // The temporary file being written (see open_temporary), if any: die() removes it, so that a
@@ -78,7 +85,8 @@ static void (*die_hook)(const char* message) = NULL;
 #endif
 
 // Print one message naming what went wrong (and remove the temporary file being written, if
-// any), and exit non-zero.
+// any), and exit non-zero. Under MPI the message names the rank, and MPI_Abort stops every
+// rank, so that none waits for ever on this one.
 __attribute__((format(printf, 1, 2))) static void die(const char* fmt, ...) {
     char message[8192];
     va_list args;
@@ -92,12 +100,20 @@ __attribute__((format(printf, 1, 2))) static void die(const char* fmt, ...) {
 #ifdef TESTING
     if (die_hook != NULL) { die_hook(message); }
 #endif
+#ifdef USE_MPI
+    if (num_processes > 1) {
+        fprintf(stderr, "error: %s (rank %d of %d)\n", message, process_rank, num_processes);
+        fflush(stderr);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+#endif
     fprintf(stderr, "error: %s\n", message);
     exit(1);
 }
 
-// Print one warning line; the program goes on.
+// Print one warning line (rank 0's alone, under MPI); the program goes on.
 __attribute__((format(printf, 1, 2))) static void warn(const char* fmt, ...) {
+    if (process_rank != 0) { return; }
     va_list args;
     va_start(args, fmt);
     fprintf(stderr, "warning: ");
@@ -266,14 +282,19 @@ static void* gpu_malloc(size_t bytes, const char* what) {
 
 static cudaDeviceProp gpu_properties;
 
-// Use the first GPU; it must be sm_80 or newer (A100, H100, ...).
+// The GPU this process uses: the first, or under MPI the rank's among the ranks of its machine
+// (set by mpi_start).
+static int gpu_device = 0;
+
+// Use GPU gpu_device; it must be sm_80 or newer (A100, H100, ...).
 static void gpu_init(void) {
     int count = 0;
     cudaError_t err = cudaGetDeviceCount(&count);
     if (err != cudaSuccess) { die("no CUDA device: %s", cudaGetErrorString(err)); }
     if (count == 0) { die("no CUDA device: the driver sees no GPU"); }
-    cudaCheck(cudaSetDevice(0));
-    cudaCheck(cudaGetDeviceProperties(&gpu_properties, 0));
+    if (gpu_device >= count) { die("GPU %d: the driver sees %d GPU%s (one process per GPU)", gpu_device, count, count == 1 ? "" : "s"); }
+    cudaCheck(cudaSetDevice(gpu_device));
+    cudaCheck(cudaGetDeviceProperties(&gpu_properties, gpu_device));
     if (gpu_properties.major < 8) {
         die("%s is sm_%d%d: this program needs sm_80 or newer (A100, H100, ...)", gpu_properties.name,
             gpu_properties.major, gpu_properties.minor);
@@ -2783,6 +2804,8 @@ static int latest_checkpoint(const char* dir) {
 // A shard: 256 int32 header [magic 20240520, version 1, number of tokens, 0...], then the
 // tokens as uint16. The loader walks the shards matching a glob pattern in order, taking
 // B*T+1 tokens per batch (inputs, and targets shifted by one) and moving on by B*T.
+// Under MPI every rank's loader reads the batch of all N ranks (B here is N times -b) and each
+// rank trains on its own rows of it: rank r on rows r*B/N to (r+1)*B/N (see train_step).
 #define SHARD_MAGIC 20240520
 #define SHARD_VERSION 1
 
@@ -2818,6 +2841,10 @@ static size_t shard_tokens(const char* path, int B, int T) {
         die("%s: header says %d tokens but the file holds %ld (truncated or corrupt)", path, header[2], (size - (long)sizeof(header)) / 2);
     }
     if ((size_t)header[2] < (size_t)B * T + 1) {
+        if (num_processes > 1) {
+            die("%s: holds %d tokens, but one batch of all %d ranks needs N*B*T+1 = %zu", path, header[2], num_processes,
+                (size_t)B * T + 1);
+        }
         die("%s: holds %d tokens, but one batch needs B*T+1 = %zu", path, header[2], (size_t)B * T + 1);
     }
     return (size_t)header[2];
@@ -3298,6 +3325,95 @@ static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n,
 }
 
 // ----------------------------------------------------------------------------
+// Many processes: MPI and NCCL (make nccl; mpirun -np N ./train_gpt2cu ...)
+// ----------------------------------------------------------------------------
+// Built with -DUSE_MPI, the trainer runs as N processes (ranks), one per GPU, that train one
+// model: rank r takes GPU r of its machine (counted among the ranks of that machine). Every
+// rank holds all the parameters, gradients and AdamW's state, and reads every global
+// micro-batch of N*B rows; rank r computes the gradients of its own B rows of it, scaled by
+// 1/(N*B*T*accum), so that their sum is the gradient of the whole batch. NCCL sums them on
+// the GPUs (ncclAllReduce), every rank then makes the same AdamW update, and the parameters
+// stay the same on every rank.
+//
+// Rank 0 alone prints, logs, samples and writes checkpoints, the files one process writes;
+// on resume every rank reads them (the output dir, like the data, must be on a file system
+// that every rank sees). A rank that fails prints its error and stops all (MPI_Abort).
+#ifdef USE_MPI
+// Start MPI. Ranks other than 0 wait until rank 0 has checked the flags and the input
+// (mpi_inputs_checked), so that a bad flag or file is reported once, by rank 0; their stdout
+// goes to /dev/null: rank 0 alone prints.
+static void mpi_start(int* argc, char*** argv) {
+    if (MPI_Init(argc, argv) != MPI_SUCCESS) { die("MPI_Init failed"); }
+    MPI_Comm_rank(MPI_COMM_WORLD, &process_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &num_processes);
+    MPI_Comm machine;  // the ranks of this machine, to count the GPUs by
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &machine);
+    MPI_Comm_rank(machine, &gpu_device);
+    MPI_Comm_free(&machine);
+    if (process_rank != 0) {
+        if (freopen("/dev/null", "w", stdout) == NULL) { die("cannot send stdout to /dev/null (%s)", strerror(errno)); }
+        MPI_Barrier(MPI_COMM_WORLD);
+    }
+}
+
+// Called by every rank once its input is checked: rank 0 lets the others go on, then all wait
+// for all.
+static void mpi_inputs_checked(void) {
+    if (process_rank == 0) { MPI_Barrier(MPI_COMM_WORLD); }
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+
+// -h: rank 0 has printed the help. It lets the others go on, and they come here too (every
+// rank parses the same flags): all stop together, with status 0.
+static void mpi_stop_at_help(void) {
+    if (process_rank == 0) { MPI_Barrier(MPI_COMM_WORLD); }
+    MPI_Finalize();
+}
+
+// The mean of x over the ranks, added in rank order: the same on every rank.
+static double mpi_mean(double x) {
+    double* all = (double*)malloc_check(num_processes * sizeof(double));
+    MPI_Allgather(&x, 1, MPI_DOUBLE, all, 1, MPI_DOUBLE, MPI_COMM_WORLD);
+    double sum = 0.0;
+    for (int r = 0; r < num_processes; r++) { sum += all[r]; }
+    free(all);
+    return sum / num_processes;
+}
+
+static ncclComm_t nccl_comm;
+
+// NCCL's errors name the call and stop the run.
+#define ncclCheck(call) do { \
+        ncclResult_t nccl_result = (call); \
+        if (nccl_result != ncclSuccess) { die("%s: %s", #call, ncclGetErrorString(nccl_result)); } \
+    } while (0)
+
+// Join the ranks' GPUs in one NCCL communicator: rank 0 makes its id, MPI hands it to all
+// (the GPU is taken by now: gpt2_alloc).
+static void mpi_setup(void) {
+    ncclUniqueId id;
+    if (process_rank == 0) { ncclCheck(ncclGetUniqueId(&id)); }
+    MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
+    ncclCheck(ncclCommInitRank(&nccl_comm, num_processes, id, process_rank));
+}
+
+static void mpi_free(void) {
+    ncclCommDestroy(nccl_comm);
+}
+
+// Sum the gradients of all ranks on the GPUs (fp32, in place); every rank ends with the sum.
+static void mpi_sum_gradients(GPT2* model) {
+    ncclCheck(ncclAllReduce(model->grads_memory, model->grads_memory, NUM_PARAMETERS, ncclFloat, ncclSum, nccl_comm, 0));
+    cudaCheck(cudaDeviceSynchronize());
+}
+
+// A checkpoint, written by rank 0 (every rank holds the same parameters and state).
+static void mpi_save_checkpoint(const GPT2* model, const TrainState* s, const char* dir) {
+    if (process_rank == 0) { save_checkpoint(model, s, dir); }
+}
+#endif
+
+// ----------------------------------------------------------------------------
 // Training: one optimizer step, validation, and main
 // ----------------------------------------------------------------------------
 
@@ -3305,6 +3421,8 @@ static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n,
 // (the first batch again and again when overfit), clipped to a global norm of grad_clip
 // (0: off), then AdamW. Returns the mean loss (the backward computes it on the way); the norm
 // before clipping goes to *norm.
+// Under MPI this rank trains on its B rows of each batch of N*B, and the gradients and
+// losses of all ranks are summed before the norm.
 static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int overfit, float lr,
                         float weight_decay, float grad_clip, int t, float* norm) {
     int B = loader->B / num_processes, T = loader->T;
@@ -3319,13 +3437,18 @@ static float train_step(GPT2* model, DataLoader* loader, int grad_accum, int ove
         gpt2_backward(model, targets, 1.0f / ((float)B * T * grad_accum * num_processes), B, T);
         loss += model->mean_loss;
     }
+#ifdef USE_MPI
+    mpi_sum_gradients(model);
+    loss = mpi_mean(loss);
+#endif
     *norm = gpt2_grad_norm(model);
     float scale = grad_clip > 0.0f && *norm > grad_clip ? grad_clip / *norm : 1.0f;
     gpt2_update(model, lr, 0.9f, 0.95f, 1e-8f, weight_decay, scale, t);
     return (float)(loss / grad_accum);
 }
 
-// Mean loss over the first num_batches batches of the loader.
+// Mean loss over the first num_batches batches of the loader (under MPI, each rank's rows, and
+// then the mean over the ranks).
 static float evaluate(GPT2* model, DataLoader* loader, int num_batches) {
     int B = loader->B / num_processes, T = loader->T;
     double loss = 0.0;
@@ -3335,6 +3458,9 @@ static float evaluate(GPT2* model, DataLoader* loader, int num_batches) {
         gpt2_forward(model, loader->inputs + (size_t)process_rank * B * T, loader->targets + (size_t)process_rank * B * T, B, T);
         loss += model->mean_loss;
     }
+#ifdef USE_MPI
+    loss = mpi_mean(loss);
+#endif
     return (float)(loss / num_batches);
 }
 
@@ -3407,7 +3533,13 @@ static void usage(int status) {
         "  -G <float>  clip the global gradient norm to this (default 1.0; 0 disables)\n"
         "  -S <int>    random seed for the init and the sampler (default 42)\n"
         "  -h          this help\n", MAX_SEQ_LEN, 1024);
+#ifdef USE_MPI
+    fprintf(out, "Built with MPI and NCCL: mpirun -np N ./train_gpt2cu ... trains on N GPUs, each on B rows of every N*B.\n");
+#endif
     if (status == 0) { flush_check(stdout, "stdout"); }
+#ifdef USE_MPI
+    if (status == 0) { mpi_stop_at_help(); }
+#endif
     exit(status);
 }
 
@@ -3517,6 +3649,16 @@ static void check_config(Config* c) {
     if (c->T <= 0 || c->T > MAX_SEQ_LEN) { die("-t: the sequence length must be between 1 and max_seq_len %d, got %d", MAX_SEQ_LEN, c->T); }
     long long BT = (long long)c->B * c->T;
     if (BT > MAX_BATCH_TOKENS) { die("-b, -t: B*T = %lld tokens is more than a batch can hold (%d)", BT, MAX_BATCH_TOKENS); }
+    if (num_processes > 1) {  // under MPI a batch is B rows on each of N ranks
+        long long NBT = BT * num_processes;
+        if (NBT > INT_MAX) { die("-b, -t: B*T*N = %lld tokens (N = %d ranks) is more than a batch can hold (%d)", NBT, num_processes, INT_MAX); }
+        if (c->total_batch == -1) { c->total_batch = (int)NBT; }
+        if (c->total_batch <= 0 || c->total_batch % NBT != 0) {
+            die("-d: the total batch %d tokens is not a positive multiple of B*T*N = %lld (N = %d ranks)", c->total_batch, NBT,
+                num_processes);
+        }
+        BT = NBT;
+    }
     if (c->total_batch == -1) { c->total_batch = (int)BT; }
     if (c->total_batch <= 0 || c->total_batch % BT != 0) {
         die("-d: the total batch %d tokens is not a positive multiple of B*T = %lld", c->total_batch, BT);
@@ -3555,6 +3697,13 @@ static void load_checkpoint(Run* r, const Config* c, int step) {
     format_path(path, sizeof(path), "%s/state_%08d_00000.bin", c->out_dir, step);
     load_state(&r->model, &r->state, path);
     if (r->state.step != step) { die("%s: training state step %d is not the step %d of its name", path, r->state.step, step); }
+#ifdef USE_MPI
+    size_t bt = (size_t)r->train_loader.B * r->train_loader.T, written = r->state.batch_tokens == 0 ? bt : r->state.batch_tokens;
+    if (!c->sample_only && r->state.batch * written % bt != 0) {  // N*B*T changed since it was written
+        die("%s: the data position, batch %zu of %zu tokens, is not a whole number of this run's batches of N*B*T = %zu tokens",
+            path, r->state.batch, written, bt);
+    }
+#endif
     if (!c->sample_only) { dataloader_resume(&r->train_loader, &r->state, path); }
 }
 
@@ -3563,7 +3712,7 @@ static void load_checkpoint(Run* r, const Config* c, int step) {
 // run refused leaves the output dir as it was), and print what the run will do.
 static void setup(Run* r, Config* c) {
     memset(r, 0, sizeof(*r));
-    r->info = c->sample_only && process_rank == 0 ? stderr : stdout;
+    r->info = c->sample_only && process_rank == 0 ? stderr : stdout;  // other ranks' stdout is /dev/null
     r->n_prompt = 1;
     if (c->prompt_ids != NULL) {
         r->n_prompt = parse_prompt(c->prompt_ids, &r->prompt);
@@ -3606,6 +3755,10 @@ static void setup(Run* r, Config* c) {
         die("-x: the run has %d steps, but the checkpoint in %s is at step %d already", c->max_steps, c->out_dir, r->start_step);
     }
 
+#ifdef USE_MPI
+    mpi_setup();
+    mpi_inputs_checked();
+#endif
     if (c->resume && resume_step < 0) { printf("no checkpoint in %s: starting from scratch\n", c->out_dir); }
     if (resume_step >= 0) { fprintf(r->info, "resuming from step %d in %s\n", r->state.step, c->out_dir); }
     if (c->out_dir != NULL && !c->sample_only && process_rank == 0) {  // sampling only leaves the run's log alone
@@ -3622,6 +3775,10 @@ static void setup(Run* r, Config* c) {
                c->train_pattern, r->train_loader.num_batches, num_processes > 1 ? "N*B" : "B", r->train_loader.B, c->T,
                c->total_batch, c->grad_accum, c->grad_accum == 1 ? "" : "es", c->max_steps, hardware_description());
     }
+#ifdef USE_MPI
+    printf("MPI: %d ranks, one GPU each, each trains on B=%d rows of every %d; NCCL sums the gradients\n",
+           num_processes, c->B, c->B * num_processes);
+#endif
     fprintf(r->info, "val %s: %d batches\n", r->val_batches > 0 ? c->val_pattern : "(none)", r->val_batches);
     fprintf(r->info, "samples: %s; temperature %g, top-k %d\n", r->tokenizer.ok ? c->tokenizer_path : "token ids (no tokenizer)",
             c->temperature, c->top_k);
@@ -3671,7 +3828,11 @@ static void train_loop(Run* r, const Config* c) {
             r->state.shard = r->train_loader.shard;
             r->state.batch = r->train_loader.position / ((size_t)r->train_loader.B * c->T);
             r->state.batch_tokens = (size_t)r->train_loader.B * c->T;
+#ifdef USE_MPI
+            mpi_save_checkpoint(model, &r->state, c->out_dir);
+#else
             save_checkpoint(model, &r->state, c->out_dir);
+#endif
         }
         flush_check(stdout, "stdout");
         if (last_step) { break; }
@@ -3709,6 +3870,9 @@ static void teardown(Run* r, const Config* c) {
 }
 
 int main(int argc, char** argv) {
+#ifdef USE_MPI
+    mpi_start(&argc, &argv);
+#endif
     Config config;
     parse_args(&config, argc, argv);
     check_config(&config);
@@ -3716,6 +3880,10 @@ int main(int argc, char** argv) {
     setup(&run, &config);
     train_loop(&run, &config);
     teardown(&run, &config);
+#ifdef USE_MPI
+    mpi_free();
+    MPI_Finalize();
+#endif
     return 0;
 }
 #endif
