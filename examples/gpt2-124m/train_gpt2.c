@@ -2258,7 +2258,8 @@ static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n,
 // Built with -DUSE_MPI, the trainer runs as N processes (ranks) that train one model. Every
 // rank holds all the parameters and gradients, and reads every global micro-batch of N*B
 // rows; rank r computes the gradients of its own B rows of it, scaled by 1/(N*B*T*accum), so
-// that their sum is the gradient of the whole batch, as one process with -b N*B computes it.
+// that their sum is the gradient of the whole batch: that of one process with -b N*B, up to
+// float rounding (the batch's sum is grouped otherwise).
 //
 // The sum is made in a fixed order, whatever the MPI library's: the parameters are cut into N
 // contiguous blocks, rank r gets block r of every rank's gradients (MPI_Alltoallv), adds them
