@@ -89,7 +89,9 @@ def _run(args: list[str], cwd: Path, threads: int, what: str) -> tuple[str, floa
     ours = usage.ru_utime + usage.ru_stime
     others = None
     if busy_before is not None and busy_after is not None and wall > 0:
-        others = max(0.0, busy_after - busy_before - ours) / (wall * (os.cpu_count() or 1))
+        # /proc/stat counts in clock ticks (1/100 s) and a short run can read a tick or two past
+        # its wall time: a share, kept within 0 and 1
+        others = min(1.0, max(0.0, busy_after - busy_before - ours) / (wall * (os.cpu_count() or 1)))
     return stdout, others, usage.ru_maxrss * 1024
 
 
@@ -255,6 +257,12 @@ def bench_sample(spec: Spec, threads: int, build_dir: str | Path | None = None, 
         raise LlmgenError(TORCH_HINT)
     if not 1 <= prompt + tokens:
         raise LlmgenError("--sample needs at least one token")
+    # Within one window: past it the trainer refills its cache every token (and a KV-cache loop
+    # in PyTorch has no positions left), which is another speed than the cache's.
+    tokens = min(tokens, spec.max_seq_len - prompt)
+    if tokens < 1:
+        raise LlmgenError(f"--sample: a {prompt}-token prompt leaves no room in the window of "
+                          f"max_seq_len {spec.max_seq_len}")
     build_dir = Path(build_dir or Path("build") / f"bench-{spec.name}")
     emit(spec, build_dir)
     exe = make(build_dir, "train_gpt2")

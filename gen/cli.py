@@ -438,8 +438,9 @@ def verify(spec, batch, seq_len, steps, accum, threads, seed, build_dir, target,
 @click.option("--rounds", type=POSITIVE, default=1, show_default=True,
               help="runs of the trainer (and of torch, in turn) whose steps are pooled")
 @click.option("--sample", "sample_mode", is_flag=True,
-              help="time generation instead: 256 new tokens after a 16-token prompt at batch 1, against the "
-                   "memory-bandwidth bound (and a PyTorch KV-cache loop with --compare-torch)")
+              help="time generation instead: 256 new tokens (at most what the window leaves) after a "
+                   "16-token prompt at batch 1, against the memory-bandwidth bound (and a PyTorch "
+                   "KV-cache loop with --compare-torch)")
 def bench(spec, batch, seq_len, threads, steps, warmup, json_path, build_dir, compare_torch, rounds, sample_mode):
     """Time the emitted trainer (production build) against this machine's FMA peak and, with
     --compare-torch, against PyTorch eager; print the figures and whether the targets are met."""

@@ -75,3 +75,19 @@ def test_peak_is_at_least_the_trainers_own_sgemm(tmp_path, isa):
     sgemm = float(run("matmul", "1024")[1])
     peaks.append(float(run("peak")[1]))  # twice, around the gemm: a busy moment does not decide it
     assert max(peaks) >= sgemm > 0, (peaks, sgemm)
+
+
+def test_bench_sample_reports_sane_fields(tmp_path):
+    """--sample: tokens/s within one window (test-tiny's 32 positions: 16 after the 16-token
+    prompt, not the default 256), the bandwidth and the bound it implies."""
+    out = tmp_path / "sample.json"
+    result = llmgen("bench", "--spec", "test-tiny", "--sample", "--threads", 2, "--json", out,
+                    "--build-dir", tmp_path / "build")
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert (r["spec"], r["prompt"], r["tokens"], r["threads"]) == ("test-tiny", 16, 16, 2)
+    t = r["tokens_per_s"]
+    assert 0 < t["min"] <= t["median"] <= t["max"]
+    assert r["bandwidth_gbs"] > 0 and r["parameters"] > 0
+    assert abs(r["bound_tokens_per_s"] - r["bandwidth_gbs"] * 1e9 / (4 * r["parameters"])) < 1e-6 * r["bound_tokens_per_s"]
+    assert "16 new tokens after 16" in result.stdout and "bound:" in result.stdout
