@@ -270,22 +270,24 @@ def test_backward_needs_targets():
         ref.forward(ODD, ref.init_params(ODD), tokens, np.full((1, 4), ODD.vocab_size))
 
 
+def fd_check(f, x, dout, dx, rng, samples, eps=1e-6):
+    """dx (the backward's gradient of sum(f() * dout) with respect to x) against central
+    differences at `samples` random elements of x, which f reads (x is perturbed in place)."""
+    for i in rng.integers(0, x.size, size=samples):
+        xf = x.reshape(-1)
+        old = xf[i]
+        xf[i] = old + eps
+        up = (f() * dout).sum()
+        xf[i] = old - eps
+        down = (f() * dout).sum()
+        xf[i] = old
+        fd = (up - down) / (2 * eps)
+        assert abs(fd - dx.reshape(-1)[i]) <= 1e-6 * abs(fd) + 1e-8
+
+
 def test_layer_backwards_against_finite_differences():
     """Each layer on its own, with a random upstream gradient."""
     rng = np.random.default_rng(20)
-    eps = 1e-6
-
-    def fd_check(f, x, dout, dx):
-        for i in rng.integers(0, x.size, size=10):
-            xf = x.reshape(-1)
-            old = xf[i]
-            xf[i] = old + eps
-            up = (f() * dout).sum()
-            xf[i] = old - eps
-            down = (f() * dout).sum()
-            xf[i] = old
-            fd = (up - down) / (2 * eps)
-            assert abs(fd - dx.reshape(-1)[i]) <= 1e-6 * abs(fd) + 1e-8
 
     x = rng.standard_normal((2, 5, 12))
     w, b = 1 + 0.3 * rng.standard_normal(12), rng.standard_normal(12)
@@ -293,22 +295,22 @@ def test_layer_backwards_against_finite_differences():
     mean, rstd = ref.layernorm_forward(x, w, b)[1:]
     dx, dw, db = ref.layernorm_backward(dout, x, w, mean, rstd)
     for arr, d in ((x, dx), (w, dw), (b, db)):
-        fd_check(lambda: ref.layernorm_forward(x, w, b)[0], arr, dout, d)
+        fd_check(lambda: ref.layernorm_forward(x, w, b)[0], arr, dout, d, rng, 10)
 
     W, bias = rng.standard_normal((7, 12)), rng.standard_normal(7)
     dout = rng.standard_normal((2, 5, 7))
     dx, dW, dbias = ref.matmul_backward(dout, x, W)
     for arr, d in ((x, dx), (W, dW), (bias, dbias)):
-        fd_check(lambda: ref.matmul_forward(x, W, bias), arr, dout, d)
+        fd_check(lambda: ref.matmul_forward(x, W, bias), arr, dout, d, rng, 10)
 
     g = 2 * rng.standard_normal((3, 40))
     dout = rng.standard_normal((3, 40))
-    fd_check(lambda: ref.gelu_forward(g), g, dout, ref.gelu_backward(dout, g))
+    fd_check(lambda: ref.gelu_forward(g), g, dout, ref.gelu_backward(dout, g), rng, 10)
 
     qkv = rng.standard_normal((2, 6, 36))
     dout = rng.standard_normal((2, 6, 12))
     att = ref.attention_forward(qkv, 3)[2]
-    fd_check(lambda: ref.attention_forward(qkv, 3)[0], qkv, dout, ref.attention_backward(dout, qkv, att, 3))
+    fd_check(lambda: ref.attention_forward(qkv, 3)[0], qkv, dout, ref.attention_backward(dout, qkv, att, 3), rng, 10)
 
 
 # ---- schedule, optimizer, training step -----------------------------------------------------

@@ -13,7 +13,7 @@ from llmgen.fileio import read_model_spec, write_model
 from llmgen.tensors import num_params, parameters
 
 from conftest import llmgen, tiny_data  # noqa: F401 (a fixture)
-from test_reference import check_gradients, random_batch
+from test_reference import check_gradients, fd_check, random_batch
 
 # 3 layers... kept at 2 for speed in the reference; 6 heads of 8 channels, a vocab of 97, an MLP
 # width that is no multiple of any tile
@@ -87,42 +87,30 @@ def test_parameter_count_follows_the_blocks():
 
 
 # ---- the reference ------------------------------------------------------------------------
-def fd(f, x, dout, dx, rng, eps=1e-6):
-    for i in rng.integers(0, x.size, size=12):
-        xf = x.reshape(-1)
-        old = xf[i]
-        xf[i] = old + eps
-        up = (f() * dout).sum()
-        xf[i] = old - eps
-        down = (f() * dout).sum()
-        xf[i] = old
-        num = (up - down) / (2 * eps)
-        assert abs(num - dx.reshape(-1)[i]) <= 1e-6 * abs(num) + 1e-8
-
-
 def test_new_layers_against_finite_differences():
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((2, 5, 12)), 1 + 0.3 * rng.standard_normal(12)
     dout = rng.standard_normal((2, 5, 12))
     rstd = ref.rmsnorm_forward(x, w, 1e-5)[1]
     dx, dw = ref.rmsnorm_backward(dout, x, w, rstd)
-    fd(lambda: ref.rmsnorm_forward(x, w, 1e-5)[0], x, dout, dx, rng)
-    fd(lambda: ref.rmsnorm_forward(x, w, 1e-5)[0], w, dout, dw, rng)
+    fd_check(lambda: ref.rmsnorm_forward(x, w, 1e-5)[0], x, dout, dx, rng, 12)
+    fd_check(lambda: ref.rmsnorm_forward(x, w, 1e-5)[0], w, dout, dw, rng, 12)
 
     NH, KVH, HS, T = 6, 2, 8, 7
     qkv = rng.standard_normal((2, T, (NH + 2 * KVH) * HS))
     dout = rng.standard_normal(qkv.shape)
-    fd(lambda: ref.rope_forward(qkv, NH, KVH, 50.0), qkv, dout, ref.rope_backward(dout, NH, KVH, 50.0), rng)
+    fd_check(lambda: ref.rope_forward(qkv, NH, KVH, 50.0), qkv, dout, ref.rope_backward(dout, NH, KVH, 50.0), rng, 12)
     dy = rng.standard_normal((2, T, NH * HS))
     att = ref.attention_forward(qkv, NH, KVH)[2]
-    fd(lambda: ref.attention_forward(qkv, NH, KVH)[0], qkv, dy, ref.attention_backward(dy, qkv, att, NH, KVH), rng)
+    fd_check(lambda: ref.attention_forward(qkv, NH, KVH)[0], qkv, dy, ref.attention_backward(dy, qkv, att, NH, KVH),
+             rng, 12)
 
     fch = 2 * rng.standard_normal((3, 2 * 11))
     dh = rng.standard_normal((3, 11))
-    fd(lambda: ref.swiglu_forward(fch), fch, dh, ref.swiglu_backward(dh, fch), rng)
+    fd_check(lambda: ref.swiglu_forward(fch), fch, dh, ref.swiglu_backward(dh, fch), rng, 12)
     g = 2 * rng.standard_normal((3, 40)) + 0.01  # away from the kink at 0
     dout = rng.standard_normal((3, 40))
-    fd(lambda: ref.relu2_forward(g), g, dout, ref.relu2_backward(dout, g), rng)
+    fd_check(lambda: ref.relu2_forward(g), g, dout, ref.relu2_backward(dout, g), rng, 12)
 
 
 def test_rope_is_transformers_rotate_half():
