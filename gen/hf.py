@@ -777,15 +777,8 @@ def gpt2_config(spec: Spec) -> dict:
         "embd_pdrop": 0.1,
         "attn_pdrop": 0.1,
         "scale_attn_weights": True,
-        "tie_word_embeddings": spec.tie_embeddings,
-        "use_cache": True,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "torch_dtype": "float32",
     }
-    if spec.padded_vocab_size != padded(spec.vocab_size):
-        config[PADDING_KEY] = spec.padded_vocab_size
-    return config
+    return {**config, **_config_tail(spec, eot)}
 
 
 def llama_config(spec: Spec) -> dict:
@@ -813,16 +806,19 @@ def llama_config(spec: Spec) -> dict:
         "mlp_bias": spec.bias,
         "attention_dropout": 0.0,
         "pretraining_tp": 1,
-        "tie_word_embeddings": spec.tie_embeddings,
         "initializer_range": 0.02,
-        "use_cache": True,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "torch_dtype": "float32",
     }
+    return {**config, **_config_tail(spec, eot)}
+
+
+def _config_tail(spec: Spec, eot: int | None) -> dict:
+    """The keys both families' config.json end with: the tying, the special tokens, the dtype,
+    and llmgen's padded vocab where it is not the one transformers' vocab implies."""
+    tail = {"tie_word_embeddings": spec.tie_embeddings, "use_cache": True, "bos_token_id": eot,
+            "eos_token_id": eot, "torch_dtype": "float32"}
     if spec.padded_vocab_size != padded(spec.vocab_size):
-        config[PADDING_KEY] = spec.padded_vocab_size
-    return config
+        tail[PADDING_KEY] = spec.padded_vocab_size
+    return tail
 
 
 def _show(value) -> str:
