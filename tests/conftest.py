@@ -11,6 +11,15 @@ from llmgen.emit import emit, make
 from llmgen.fileio import write_shard
 from llmgen.synthetic import markov_tokens
 
+# The smallest spec with GPT-2's vocab (the tokenizer's text in and out): 1 layer, 2 heads, 16 channels.
+MICRO = """name = "micro"
+layers = 1
+heads = 2
+channels = 16
+vocab_size = 50257
+max_seq_len = 32
+"""
+
 
 def llmgen(*args, cwd=None, timeout=None):
     """Run the llmgen command line; returns the CompletedProcess."""

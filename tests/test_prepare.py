@@ -189,15 +189,22 @@ def snapshot(out):
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
 
-@pytest.mark.parametrize("fail_at", [1, 2, 3, "tokenizer", "manifest"])
-def test_a_prepare_that_fails_while_writing_leaves_the_old_set_whole(tmp_path, monkeypatch, fail_at):
-    from llmgen.prepare import is_prepared
+def prepared_old_corpus(tmp_path):
+    """An old corpus prepared into out (with a file of the user's beside its shards), and a
+    new corpus to prepare over it: (old, new, out)."""
     old, new = tmp_path / "old.txt", tmp_path / "new.txt"
     old.write_text("the old corpus, prepared first\n" * 40)
     new.write_text("a different, newer corpus of text\n" * 60)
     out = tmp_path / "out"
     prepare([str(old)], out, val_fraction=0.25, shard_tokens=100, progress=False)
     (out / "notes.txt").write_text("the user's own file")
+    return old, new, out
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, "tokenizer", "manifest"])
+def test_a_prepare_that_fails_while_writing_leaves_the_old_set_whole(tmp_path, monkeypatch, fail_at):
+    from llmgen.prepare import is_prepared
+    old, new, out = prepared_old_corpus(tmp_path)
     before = snapshot(out)
     n_new = len(prepare([str(new)], tmp_path / "probe", val_fraction=0.25, shard_tokens=100, progress=False).shards)
     assert n_new > 3
@@ -215,12 +222,7 @@ def test_a_prepare_that_fails_while_writing_leaves_the_old_set_whole(tmp_path, m
 
 def test_a_prepare_interrupted_while_moving_files_in_does_not_look_prepared(tmp_path, monkeypatch):
     import llmgen.prepare as prep
-    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
-    old.write_text("the old corpus, prepared first\n" * 40)
-    new.write_text("a different, newer corpus of text\n" * 60)
-    out = tmp_path / "out"
-    prepare([str(old)], out, val_fraction=0.25, shard_tokens=100, progress=False)
-    (out / "notes.txt").write_text("the user's own file")
+    old, new, out = prepared_old_corpus(tmp_path)
     real, moved = os.replace, []
 
     def replace(src, dst):

@@ -2,18 +2,10 @@
 
 import pytest
 
-from conftest import llmgen
+from conftest import MICRO, llmgen
 from llmgen import reference, spec as specs
 from llmgen.fileio import write_model
 from llmgen.tokenizer import data_file
-
-MICRO = """name = "micro"
-layers = 1
-heads = 2
-channels = 16
-vocab_size = 50257
-max_seq_len = 32
-"""
 
 
 @pytest.fixture(scope="module")

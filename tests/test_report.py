@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import run_trainer
+from conftest import MICRO, run_trainer
 from llmgen import report
 from llmgen.cli import cli
 from llmgen.errors import LlmgenError
@@ -243,15 +243,6 @@ def test_labels_tell_runs_apart(tmp_path):
     assert report.labels_for([tmp_path / "a/run", tmp_path / "b/run", tmp_path / "c"]) == ["a/run", "b/run", "c"]
     assert report.labels_for([tmp_path / "x/a/run", tmp_path / "y/a/run"]) == ["x/a/run", "y/a/run"]
     assert report.labels_for(["."]) == [Path.cwd().name]
-
-
-MICRO = """name = "micro"
-layers = 1
-heads = 2
-channels = 16
-vocab_size = 50257
-max_seq_len = 32
-"""
 
 
 def test_train_writes_the_report_of_its_run(tmp_path):
