@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import run_trainer
+from test_generation import PROMPT, check_samples_share_the_prompt
 from llmgen import spec as specs
 from llmgen.emit import cuda_build, emit, make
 from llmgen.prepare import prepare
@@ -61,7 +62,6 @@ def harness(exe, *args):
     return r.stdout
 
 
-PROMPT = [50256, 464, 3290, 286, 262, 1578, 318, 257, 1049, 11, 290, 340, 481, 307, 1900, 13]
 
 
 def test_cached_greedy_tokens_equal_the_whole_window_ones(trained):
@@ -110,15 +110,7 @@ def test_cached_logits_past_a_chunk_of_keys(trained):
 
 
 def test_samples_share_the_prompt(trained):
-    exe, ckpt = trained["trainer"], trained["ckpt"]
-    base = ["-e", ckpt, "-x", 0, "-v", 0, "-b", 1, "-t", 256, "-g", 12, "-P", ",".join(map(str, PROMPT))]
-    one = run_trainer(exe, *base, "-R", 0)
-    three = run_trainer(exe, *base, "-R", 0, "-N", 3)
-    blocks = three.stdout.strip().split("\n---\n")
-    assert len(blocks) == 3 and all(b.strip() == one.stdout.strip() for b in blocks)  # greedy: all the same
-    assert "generated 36 tokens in" in three.stderr and "tokens/s (3 samples)" in three.stderr
-    drawn = [b.strip() for b in run_trainer(exe, *base, "-R", 1.0, "-N", 3).stdout.strip().split("\n---\n")]
-    assert len(drawn) == 3 and len(set(drawn)) == 3  # sampled: each its own
+    check_samples_share_the_prompt(trained["trainer"], trained["ckpt"])
 
 
 def test_gpt2_124m_generation_speed(trained, tmp_path):

@@ -64,8 +64,9 @@ def test_cached_logits_equal_the_whole_forward_to_float_rounding(trained):
     assert worst < 2e-6, rows
 
 
-def test_samples_share_the_prompt(trained):
-    exe, _, ckpt = trained
+def check_samples_share_the_prompt(exe, ckpt):
+    """-N 3 draws three samples after one prompt: greedy, all the one sample's tokens; sampled,
+    each its own (this trainer's or the CUDA trainer's)."""
     base = ["-e", ckpt, "-x", 0, "-v", 0, "-b", 1, "-t", 256, "-g", 12, "-P", ",".join(map(str, PROMPT))]
     one = run_trainer(exe, *base, "-R", 0)
     three = run_trainer(exe, *base, "-R", 0, "-N", 3)
@@ -74,6 +75,11 @@ def test_samples_share_the_prompt(trained):
     assert "generated 36 tokens in" in three.stderr and "tokens/s (3 samples)" in three.stderr
     drawn = [b.strip() for b in run_trainer(exe, *base, "-R", 1.0, "-N", 3).stdout.strip().split("\n---\n")]
     assert len(drawn) == 3 and len(set(drawn)) == 3  # sampled: each its own
+
+
+def test_samples_share_the_prompt(trained):
+    exe, _, ckpt = trained
+    check_samples_share_the_prompt(exe, ckpt)
 
 
 def test_llmgen_sample_batch_and_speed(trained, tmp_path):
