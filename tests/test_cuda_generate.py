@@ -62,8 +62,6 @@ def harness(exe, *args):
     return r.stdout
 
 
-
-
 def test_cached_greedy_tokens_equal_the_whole_window_ones(trained):
     """fp32. 256 is gpt2-tiny's window: 260 new tokens after 16 go 20 past it, where the cache
     is refilled from the last 255 tokens every step (the whole-window run's tokens)."""
