@@ -3650,17 +3650,15 @@ static void check_config(Config* c) {
     long long BT = (long long)c->B * c->T;
     if (BT > MAX_BATCH_TOKENS) { die("-b, -t: B*T = %lld tokens is more than a batch can hold (%d)", BT, MAX_BATCH_TOKENS); }
     if (num_processes > 1) {  // under MPI a batch is B rows on each of N ranks
-        long long NBT = BT * num_processes;
-        if (NBT > INT_MAX) { die("-b, -t: B*T*N = %lld tokens (N = %d ranks) is more than a batch can hold (%d)", NBT, num_processes, INT_MAX); }
-        if (c->total_batch == -1) { c->total_batch = (int)NBT; }
-        if (c->total_batch <= 0 || c->total_batch % NBT != 0) {
-            die("-d: the total batch %d tokens is not a positive multiple of B*T*N = %lld (N = %d ranks)", c->total_batch, NBT,
-                num_processes);
-        }
-        BT = NBT;
+        BT *= num_processes;
+        if (BT > INT_MAX) { die("-b, -t: B*T*N = %lld tokens (N = %d ranks) is more than a batch can hold (%d)", BT, num_processes, INT_MAX); }
     }
     if (c->total_batch == -1) { c->total_batch = (int)BT; }
     if (c->total_batch <= 0 || c->total_batch % BT != 0) {
+        if (num_processes > 1) {
+            die("-d: the total batch %d tokens is not a positive multiple of B*T*N = %lld (N = %d ranks)", c->total_batch, BT,
+                num_processes);
+        }
         die("-d: the total batch %d tokens is not a positive multiple of B*T = %lld", c->total_batch, BT);
     }
     c->grad_accum = (int)(c->total_batch / BT);
