@@ -2280,8 +2280,10 @@ static double gpt2_generate(GPT2* model, const int* prompt, int n_prompt, int n,
 // The blocks of the parameters: rank r's is block_offset[r] .. block_offset[r] + block_count[r].
 static int* block_count;
 static int* block_offset;
-static float* grad_blocks; // (N, this rank's block) every rank's gradients for this rank's block
-static int zero_stage;     // -z: 1 shards AdamW's m and v over the ranks
+static float* grad_blocks;     // (N, this rank's block) every rank's gradients for this rank's block
+static int* grad_block_count;  // where each rank's part of grad_blocks goes: its block's size,
+static int* grad_block_offset; // at r times that
+static int zero_stage;         // -z: 1 shards AdamW's m and v over the ranks
 
 // Start MPI. Ranks other than 0 wait until rank 0 has checked the flags and the input
 // (mpi_inputs_checked), so that a bad flag or file is reported once, by rank 0; their stdout
@@ -2334,6 +2336,12 @@ static void mpi_setup(GPT2* model, int zero) {
     }
     size_t mine = block_count[process_rank], lo = block_offset[process_rank];
     grad_blocks = (float*)malloc_check(num_processes * mine * sizeof(float));
+    grad_block_count = (int*)malloc_check(num_processes * sizeof(int));
+    grad_block_offset = (int*)malloc_check(num_processes * sizeof(int));
+    for (int r = 0; r < num_processes; r++) {
+        grad_block_count[r] = (int)mine;
+        grad_block_offset[r] = r * (int)mine;
+    }
     if (zero) {
         float* m = (float*)malloc_check(mine * sizeof(float));
         float* v = (float*)malloc_check(mine * sizeof(float));
@@ -2350,6 +2358,8 @@ static void mpi_free(void) {
     free(block_count);
     free(block_offset);
     free(grad_blocks);
+    free(grad_block_count);
+    free(grad_block_offset);
 }
 
 // AdamW's m and v on this rank, in bytes.
@@ -2361,14 +2371,8 @@ static size_t mpi_optimizer_bytes(void) {
 // with the sum in grads_memory.
 static void mpi_sum_gradients(GPT2* model) {
     int mine = block_count[process_rank];
-    int* recv_count = (int*)malloc_check(num_processes * sizeof(int));
-    int* recv_offset = (int*)malloc_check(num_processes * sizeof(int));
-    for (int r = 0; r < num_processes; r++) {
-        recv_count[r] = mine;
-        recv_offset[r] = r * mine;
-    }
     MPI_Alltoallv(model->grads_memory, block_count, block_offset, MPI_FLOAT,
-                  grad_blocks, recv_count, recv_offset, MPI_FLOAT, MPI_COMM_WORLD);
+                  grad_blocks, grad_block_count, grad_block_offset, MPI_FLOAT, MPI_COMM_WORLD);
     float* sum = model->grads_memory + block_offset[process_rank];
     #pragma omp parallel for
     for (int i = 0; i < mine; i++) {
@@ -2377,8 +2381,6 @@ static void mpi_sum_gradients(GPT2* model) {
         sum[i] = s;
     }
     MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_FLOAT, model->grads_memory, block_count, block_offset, MPI_FLOAT, MPI_COMM_WORLD);
-    free(recv_count);
-    free(recv_offset);
 }
 
 // AdamW as gpt2_update, for this rank's block with ZeRO-1 (m and v hold that block alone) or
