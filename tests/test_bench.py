@@ -29,6 +29,7 @@ def test_bench_reports_sane_fields(tmp_path):
                                     "total": 6 * (2 * 12 * 32 * 32 + 64 * 32) + 6 * 2 * 32 * 17}
     assert abs(r["achieved_gflops"] - r["flops_per_token"]["total"] * t["median"] / 1e9) < 1e-9
     assert r["peak_gflops"] > 0 and r["sgemm_gflops"] > 0
+    assert len(r["peak_gflops_runs"]) == 2 and r["peak_gflops"] == max(r["peak_gflops_runs"])  # before and after
     assert abs(r["mfu"] - r["achieved_gflops"] / r["peak_gflops"]) < 1e-12
     assert "-march=native" in r["compile"] and "train_gpt2.c" in r["compile"]
     assert r["other_load"] is None or 0 <= r["other_load"] <= 1

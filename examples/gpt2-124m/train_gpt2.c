@@ -377,8 +377,10 @@ static void layernorm_backward(float* dinp, float* dweight, float* dbias, // (N,
 // - Cache blocks. A packed block of B (at most MATMUL_PACK floats) stays in cache while all
 //   of C's tiles use it; a K longer than MATMUL_KC (the classifier's dinp) takes several
 //   blocks, each adding into C.
-// - Threads share the row blocks of C. Every element of C is summed by one thread in the
-//   same order whatever the number of threads, so results do not depend on it.
+// - Threads share the row blocks of C, handed out one at a time to whichever thread is free
+//   (schedule(dynamic)): a core slowed by another process then takes fewer blocks instead of
+//   keeping the other waiting at the end. Every element of C is summed by one thread in the
+//   same order whatever the thread and the number of threads, so results do not depend on it.
 
 // The register tile and the vectors it is made of, for the instruction set this file is
 // compiled for (chosen by the preprocessor; the generator picked the tiles):
@@ -503,8 +505,9 @@ static void gemm(float* c, long c_m, long c_n,       // C (M,N)
                 }
                 // (the end of an omp for waits for all threads: the block is packed)
                 // The threads share the work by rows of tiles (each packs its rows of A once),
-                // or, with few rows, by columns of tiles (each packs every row of A).
-                #pragma omp for schedule(static)
+                // or, with few rows, by columns of tiles (each packs every row of A), a tile row
+                // or column at a time to whichever thread is free.
+                #pragma omp for schedule(dynamic)
                 for (int w = 0; w < (split_rows ? m_blocks : panels); w++) {
                     int m_first = split_rows ? w : 0, m_last = split_rows ? w + 1 : m_blocks;
                     int p_first = split_rows ? 0 : w, p_last = split_rows ? panels : w + 1;
