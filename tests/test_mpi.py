@@ -85,7 +85,9 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(mpi_trainer, tiny_t
     figures = {"loss": rel([a[s] for s in a], [b[s] for s in a]), "norm": rel(norms(single), norms(runs[0])),
                "params": float(np.max(np.abs(p1 - p2)) / np.max(np.abs(p1)))}
     print(f"\n-d {total}: max relative difference of 2 ranks x B=2 and 1 process x B=4 over 20 steps: {figures}")
-    assert figures["loss"] < 1e-5 and figures["norm"] < 1e-4 and figures["params"] < 1e-5, figures
+    # (the two sum each gradient in a different order, and 20 AdamW steps carry the rounding into
+    # the parameters: 1.1e-5 seen on an AVX2 machine, less with AVX-512's wider tiles)
+    assert figures["loss"] < 1e-5 and figures["norm"] < 1e-4 and figures["params"] < 5e-5, figures
     # ZeRO-1 changes where AdamW runs, not what it computes: bit for bit the same run
     assert step_losses(runs[1]) == step_losses(runs[0]) and norms(runs[1]) == norms(runs[0])
     for name in ["model_00000020.bin", "state_00000020_00000.bin"]:
