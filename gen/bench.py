@@ -139,7 +139,10 @@ def bench(spec: Spec, B: int, T: int, threads: int, steps: int, warmup: int,
 
     load_before = os.getloadavg()[0]
     isa = _reference(ref_exe, ["isa"], threads)
-    peaks = [float(_reference(ref_exe, ["peak"], threads)[0])]  # and again after the run, below
+
+    def measure_peak() -> float:
+        return float(_reference(ref_exe, ["peak"], threads)[0])
+    peaks = [measure_peak()]  # and again after the run, below
     sgemm = float(_reference(ref_exe, ["matmul", str(SGEMM_SIZE)], threads)[0])
     fields = _reference(ref_exe, ["products", str(B * T)], threads)
     products = {fields[i]: {"forward": float(fields[i + 1]), "backward": float(fields[i + 2])}
@@ -168,7 +171,7 @@ def bench(spec: Spec, B: int, T: int, threads: int, steps: int, warmup: int,
     # The peak is measured before and after the timed runs and the better one counts: on a machine
     # shared with others (a virtual CPU whose sibling core is busy), one measurement taken at a
     # busy moment would understate the peak and overstate the MFU.
-    peaks.append(float(_reference(ref_exe, ["peak"], threads)[0]))
+    peaks.append(measure_peak())
     peak = max(peaks)
     tokens_per_step = B * T
     flops = flops_per_token(spec, T)
