@@ -98,7 +98,7 @@ static void product_gflops(const char* name, int N, int IC, int OC, uint64_t* rn
     double flops = 2.0 * N * IC * OC;
     double forward = best_gflops(run_forward, &m, flops);
     double backward = best_gflops(run_backward, &m, 2.0 * flops);
-    printf(" %s %.2f %.2f", name, forward, backward);
+    printf(" %s %.4g %.4g", name, forward, backward);  // significant digits: a tiny product on a busy machine is not 0
     float* buffers[] = {m.inp, m.weight, m.bias, m.out, m.dout, m.dinp, m.dweight, m.dbias};
     for (int i = 0; i < 8; i++) { free(buffers[i]); }
 }
