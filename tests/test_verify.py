@@ -15,6 +15,12 @@ CASES = [
     ("test-odd", {}, 2, 13),                                    # 3 heads, vocab 97 -> 128, T = 13
     ("test-odd", {"layers": 1, "heads": 5, "channels": 40, "vocab_size": 250, "max_seq_len": 20}, 3, 7),
     ("test-tiny", {"heads": 1, "channels": 24, "layers": 3, "vocab_size": 129}, 1, 32),  # T = max_seq_len
+    # T past the attention's blocks of 48 queries and 96 keys: several of each, the last ones
+    # partial, and a head size (24) that is no whole number of register tiles
+    ("test-odd", {"layers": 1, "heads": 5, "channels": 120, "max_seq_len": 256}, 1, 203),
+    # the same with grouped queries (6 heads on 2 key/value heads) and rotary positions
+    ("test-odd", {"layers": 1, "heads": 6, "kv_heads": 2, "position": "rope", "norm": "rmsnorm", "bias": False,
+                  "max_seq_len": 160}, 2, 150),
 ]
 
 

@@ -72,7 +72,7 @@ BREAKS = [
     ("rope backward: rotated forward", VARIANT, "rope_backward",
      "rope_rotate(dqkv, B, T, -1);", "rope_rotate(dqkv, B, T, 1);", "backward, layer 1, attention + rope (dqkv"),
     ("grouped-query attention: the key/value head off by one", VARIANT, "attention_forward",
-     "h / ATT_GROUP * HEAD_SIZE", "h % KV_HEADS * HEAD_SIZE",
+     "const int g = h / ATT_GROUP;", "const int g = h % KV_HEADS;",
      "forward, layer 0, attention (atty"),
     ("swiglu forward: silu's sign", VARIANT, "swiglu_forward",
      "(1.0f + expf(-gate[i]))", "(1.0f + expf(gate[i]))", "forward, layer 0, swiglu (fch_swiglu"),

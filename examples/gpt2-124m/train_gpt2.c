@@ -415,24 +415,27 @@ static inline void vec_store(float* p, vecf v) {
     memcpy(p, &v, sizeof(v));
 }
 
-// One MR x NR tile: acc[m][j] = sum over k < kc of a_panel[k][m] * b_panel[k][j], then
-// C = acc + bias (or C += acc + bias when accumulating), for the rows x cols inside C. The sums stay
+// One MR x NR tile: acc[m][j] = sum over k < kc of A(m,k) * B(k,j), then C = acc + bias (or
+// C += acc + bias when accumulating), for the rows x cols inside C. A is read MR rows at a time
+// wherever it lies, A(m,k) = a[m*a_m + k*a_k] (a packed panel: a_m = 1, a_k = MR), and B NR
+// columns of a row at a time, B(k,j) = b[k*b_k + j] (a packed panel: b_k = NR). The sums stay
 // in MR x NV vector registers while k runs: each step loads NV vectors of B and multiplies
 // each by one float of A for every row (a vector FMA each).
-static inline void gemm_tile(float* c, long c_m, long c_n,               // C(m,j) = c[m*c_m + j*c_n]
-                             const float* a_panel, const float* b_panel, // (kc,MR), (kc,NR)
-                             const float* bias,                          // (rows) or NULL
+static inline void gemm_tile(float* c, long c_m, long c_n,       // C(m,j) = c[m*c_m + j*c_n]
+                             const float* a, long a_m, long a_k, // (MR,kc)
+                             const float* b, long b_k,           // (kc,NR)
+                             const float* bias,                  // (rows) or NULL
                              int kc, int rows, int cols, int accumulate) {
     vecf acc[MATMUL_MR][MATMUL_NV];
     for (int m = 0; m < MATMUL_MR; m++) {
         for (int v = 0; v < MATMUL_NV; v++) { acc[m][v] = (vecf){0}; }
     }
     for (int k = 0; k < kc; k++) {
-        const float* a = a_panel + (size_t)k * MATMUL_MR;
-        vecf b[MATMUL_NV];
-        for (int v = 0; v < MATMUL_NV; v++) { b[v] = vec_load(b_panel + (size_t)k * MATMUL_NR + v * VEC_FLOATS); }
+        const float* a_col = a + (size_t)k * a_k;
+        vecf b_row[MATMUL_NV];
+        for (int v = 0; v < MATMUL_NV; v++) { b_row[v] = vec_load(b + (size_t)k * b_k + v * VEC_FLOATS); }
         for (int m = 0; m < MATMUL_MR; m++) {
-            for (int v = 0; v < MATMUL_NV; v++) { acc[m][v] += a[m] * b[v]; }
+            for (int v = 0; v < MATMUL_NV; v++) { acc[m][v] += a_col[m * a_m] * b_row[v]; }
         }
     }
     if (c_n == 1 && cols == MATMUL_NR) {  // C row-major, a whole tile wide: vector by vector
@@ -517,7 +520,7 @@ static void gemm(float* c, long c_m, long c_n,       // C (M,N)
                         for (int p = p_first; p < p_last; p++) {
                             int cols = n_cols - p * MATMUL_NR < MATMUL_NR ? n_cols - p * MATMUL_NR : MATMUL_NR;
                             gemm_tile(c + m0 * c_m + (size_t)(n0 + p * MATMUL_NR) * c_n, c_m, c_n,
-                                      a_panel, matmul_pack + (size_t)p * kc * MATMUL_NR,
+                                      a_panel, 1, MATMUL_MR, matmul_pack + (size_t)p * kc * MATMUL_NR, MATMUL_NR,
                                       bias != NULL && k0 == 0 ? bias + m0 : NULL, kc, rows, cols, accumulate || k0 > 0);
                         }
                     }
@@ -529,26 +532,48 @@ static void gemm(float* c, long c_m, long c_n,       // C (M,N)
 }
 
 // C (+)= A @ B on the calling thread alone (the small products inside a parallel region:
-// the attention's), with the same register tiles as gemm. K is at most MATMUL_KC; a_pack
-// holds MATMUL_MR * K floats and b_pack ((N + MATMUL_NR - 1) / MATMUL_NR) * MATMUL_NR * K.
+// the attention's), with the same register tiles as gemm, B given as panels of NR columns:
+// panel p at b + p*b_panel, B(k, p*NR + j) = b[p*b_panel + k*b_k + j] for j < NR (a panel
+// past N's last column is read whole and the columns past N are dropped). The tiles read A
+// in place, MR rows at a time; a last block of fewer than MR rows is copied, zero-padded,
+// into a_pack (MATMUL_MR * K floats).
+static void gemm_serial_panels(float* c, long c_m, long c_n,           // C (M,N)
+                               const float* a, long a_m, long a_k,     // A (M,K)
+                               const float* b, long b_k, long b_panel, // B (K,N), as panels
+                               int M, int N, int K, int accumulate, float* a_pack) {
+    int panels = (N + MATMUL_NR - 1) / MATMUL_NR;
+    for (int m0 = 0; m0 < M; m0 += MATMUL_MR) {
+        int rows = M - m0 < MATMUL_MR ? M - m0 : MATMUL_MR;
+        const float* a_rows = a + m0 * a_m;
+        long a_rows_m = a_m, a_rows_k = a_k;
+        if (rows < MATMUL_MR) {
+            gemm_pack(a_pack, MATMUL_MR, a_rows, a_m, a_k, rows, K);
+            a_rows = a_pack, a_rows_m = 1, a_rows_k = MATMUL_MR;
+        }
+        for (int p = 0; p < panels; p++) {
+            int cols = N - p * MATMUL_NR < MATMUL_NR ? N - p * MATMUL_NR : MATMUL_NR;
+            gemm_tile(c + m0 * c_m + (size_t)p * MATMUL_NR * c_n, c_m, c_n, a_rows, a_rows_m, a_rows_k,
+                      b + (size_t)p * b_panel, b_k, NULL, K, rows, cols, accumulate);
+        }
+    }
+}
+
+// The same with B anywhere: read in place when its rows are contiguous (b_n = 1) and N is
+// whole panels, else first packed into b_pack (((N + NR - 1) / NR) * NR * K floats).
 static void gemm_serial(float* c, long c_m, long c_n,       // C (M,N)
                         const float* a, long a_m, long a_k, // A (M,K)
                         const float* b, long b_k, long b_n, // B (K,N)
                         int M, int N, int K, int accumulate, float* a_pack, float* b_pack) {
+    if (b_n == 1 && N % MATMUL_NR == 0) {
+        gemm_serial_panels(c, c_m, c_n, a, a_m, a_k, b, b_k, MATMUL_NR, M, N, K, accumulate, a_pack);
+        return;
+    }
     int panels = (N + MATMUL_NR - 1) / MATMUL_NR;
     for (int p = 0; p < panels; p++) {
         int cols = N - p * MATMUL_NR < MATMUL_NR ? N - p * MATMUL_NR : MATMUL_NR;
         gemm_pack(b_pack + (size_t)p * K * MATMUL_NR, MATMUL_NR, b + (size_t)p * MATMUL_NR * b_n, b_n, b_k, cols, K);
     }
-    for (int m0 = 0; m0 < M; m0 += MATMUL_MR) {
-        int rows = M - m0 < MATMUL_MR ? M - m0 : MATMUL_MR;
-        gemm_pack(a_pack, MATMUL_MR, a + m0 * a_m, a_m, a_k, rows, K);
-        for (int p = 0; p < panels; p++) {
-            int cols = N - p * MATMUL_NR < MATMUL_NR ? N - p * MATMUL_NR : MATMUL_NR;
-            gemm_tile(c + m0 * c_m + (size_t)p * MATMUL_NR * c_n, c_m, c_n, a_pack, b_pack + (size_t)p * K * MATMUL_NR,
-                      NULL, K, rows, cols, accumulate);
-        }
-    }
+    gemm_serial_panels(c, c_m, c_n, a, a_m, a_k, b_pack, MATMUL_NR, (long)K * MATMUL_NR, M, N, K, accumulate, a_pack);
 }
 
 // out[n,o] = bias[o] + sum_i inp[n,i] * weight[o,i]; bias may be NULL.
@@ -626,16 +651,20 @@ static void matmul_backward(float* dinp, float* dweight, float* dbias, // (N,IC)
 //   p[t,:]  = softmax(s[t,:]),          out[t] = sum over t2 of p[t,t2] v[t2]
 // The forward keeps one number per query, lse[t] = log(sum over t2 of exp(s[t,t2])), from which
 // the backward recomputes p[t,t2] = exp(s[t,t2] - lse[t]). Queries go ATT_BQ at a time and keys
-// ATT_BK at a time, and the products of those blocks (q k^T, p v and the backward's four) are
-// small matrix products through the matmul's register tiles (gemm_serial).
+// ATT_BK at a time, and the products of those blocks (q k^T, p v and the backward's five) are
+// small matrix products through the matmul's register tiles (gemm_serial). The tiles read q, k,
+// v, dout and the blocks of p in place; only k^T and v^T (whose columns are keys, not
+// contiguous) are packed into panels, once per key block rather than once per product.
 #define ATT_BQ 48 // queries per block: 4 register tiles of 12 rows, 8 of 6
 #define ATT_BK 96 // keys per block: 3 tiles of 32 columns, 6 of 16; 8 or 16 rows
 // The products' largest N (columns of C) and K: their packed operands, a panel of A and
-// every panel of B, fit in ATT_PACK_A and ATT_PACK_B floats.
+// every panel of B, fit in ATT_PACK_A and ATT_PACK_B floats. ATT_BK is whole panels of NR
+// keys, so that a key block starts at a panel of the packed k^T.
 #define ATT_MAX_N 96 // max(ATT_BK, HEAD_SIZE)
 #define ATT_MAX_K 96 // max(ATT_BQ, ATT_BK, HEAD_SIZE)
 #define ATT_PACK_A ((size_t)MATMUL_MR * ATT_MAX_K)
 #define ATT_PACK_B ((size_t)(ATT_MAX_N + MATMUL_NR) * ATT_MAX_K)
+_Static_assert(ATT_BK % MATMUL_NR == 0, "a block of keys is whole panels of the packed k^T and v^T");
 
 // Forward, one block of ATT_BQ queries of one head at a time (in parallel). With m and l the
 // running maximum and sum of exp(s - m) of a query's row, each block of keys raises m to m' and
@@ -647,27 +676,43 @@ static void attention_forward(float* out, float* lse, // (B,T,C), (B,NH,T)
                               int B, int T, int C, int NH) {
     const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
     const int q_blocks = (T + ATT_BQ - 1) / ATT_BQ;
+    // k^T of every key/value head packed once for all its query blocks, in panels of NR keys:
+    // panel p of head (b,g) holds kt[c][j] = k[p*NR + j][c], c < HS, j < NR (zero past T)
+    const int key_panels = (T + MATMUL_NR - 1) / MATMUL_NR;
+    const size_t panel_floats = (size_t)HEAD_SIZE * MATMUL_NR;
+    float* kt = malloc_check((size_t)B * NH * key_panels * panel_floats * sizeof(float));  // (B,NH,panels,HS,NR)
+    #pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++) {
+        for (int g = 0; g < NH; g++) {
+            for (int kp = 0; kp < key_panels; kp++) {
+                const float* k = qkv + ((size_t)b * T + (size_t)kp * MATMUL_NR) * 3 * C + C + g * HEAD_SIZE;
+                int keys = T - kp * MATMUL_NR < MATMUL_NR ? T - kp * MATMUL_NR : MATMUL_NR;
+                gemm_pack(kt + (((size_t)b * NH + g) * key_panels + kp) * panel_floats, MATMUL_NR, k, 3 * C, 1, keys, HEAD_SIZE);
+            }
+        }
+    }
     #pragma omp parallel
     {
         float* s = malloc_check((size_t)ATT_BQ * ATT_BK * sizeof(float));    // scores, then p
         float* o = malloc_check((size_t)ATT_BQ * HEAD_SIZE * sizeof(float)); // the unnormalised output
         float* a_pack = malloc_check(ATT_PACK_A * sizeof(float));
-        float* b_pack = malloc_check(ATT_PACK_B * sizeof(float));
+        float* b_pack = malloc_check(ATT_PACK_B * sizeof(float));  // v, where it cannot be read in place
         float m[ATT_BQ], l[ATT_BQ];
         #pragma omp for collapse(3) schedule(dynamic)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
                 for (int qb = 0; qb < q_blocks; qb++) {
                     const float* q = qkv + (size_t)b * T * 3 * C + h * HEAD_SIZE;  // row t at q + t * 3C
-                    const float* k = q + C, * v = q + 2 * C;
+                    const float* v = q + 2 * C;
+                    const float* kt_head = kt + ((size_t)b * NH + h) * key_panels * panel_floats;
                     int q0 = qb * ATT_BQ, nq = T - q0 < ATT_BQ ? T - q0 : ATT_BQ;
                     for (int r = 0; r < nq; r++) { m[r] = -FLT_MAX; l[r] = 0.0f; }
                     memset(o, 0, (size_t)ATT_BQ * HEAD_SIZE * sizeof(float));
                     for (int k0 = 0; k0 < q0 + nq; k0 += ATT_BK) {  // the keys up to the block's last query
                         int nk = q0 + nq - k0 < ATT_BK ? q0 + nq - k0 : ATT_BK;
                         // s (nq,nk) = q[q0:] @ k[k0:]^T
-                        gemm_serial(s, ATT_BK, 1, q + (size_t)q0 * 3 * C, 3 * C, 1, k + (size_t)k0 * 3 * C, 1, 3 * C,
-                                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
+                        gemm_serial_panels(s, ATT_BK, 1, q + (size_t)q0 * 3 * C, 3 * C, 1, kt_head + (size_t)k0 / MATMUL_NR * panel_floats,
+                                           MATMUL_NR, panel_floats, nq, nk, HEAD_SIZE, 0, a_pack);
                         for (int r = 0; r < nq; r++) {
                             float* row = s + (size_t)r * ATT_BK;
                             int visible = q0 + r - k0 + 1 < nk ? q0 + r - k0 + 1 : nk;  // keys t2 <= t
@@ -698,6 +743,7 @@ static void attention_forward(float* out, float* lse, // (B,T,C), (B,NH,T)
         free(a_pack);
         free(b_pack);
     }
+    free(kt);
 }
 
 // The backward's work on one block of keys [k0, k0+nk) of one head, over every block of
@@ -707,19 +753,26 @@ static void attention_forward(float* out, float* lse, // (B,T,C), (B,NH,T)
 //   ds = p * (dp - delta) / sqrt(HS)    (the softmax's Jacobian applied to dp; delta[t] is
 //                                        sum over t2 of p[t,t2] dp[t,t2] = dout[t] . out[t])
 //   dq += ds @ k                        dk += ds^T @ q
-// p and dp are (ATT_BQ,ATT_BK) scratch; dk and dv (nk,HS) add up across calls.
+// p and dp are (ATT_BQ,ATT_BK) scratch and kt, vt (ATT_BK,HS) scratch for the block's k^T and
+// v^T, packed once for all the query blocks; dk and dv (nk,HS) add up across calls.
 static void attention_backward_keys(float* dq, float* dk, float* dv,                // (T,HS) rows 3C apart, (nk,HS), (nk,HS)
                                     const float* q, const float* k, const float* v, // (T,HS) rows 3C apart
                                     const float* dy,                                // (T,HS) rows C apart
                                     const float* lse, const float* delta,           // (T), (T)
                                     int k0, int nk, int T, int C,
-                                    float* p, float* dp, float* a_pack, float* b_pack) {
+                                    float* p, float* dp, float* kt, float* vt, float* a_pack, float* b_pack) {
     const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
+    const size_t panel_floats = (size_t)HEAD_SIZE * MATMUL_NR;
+    for (int kp = 0; kp * MATMUL_NR < nk; kp++) {  // panel kp: kt[c][j] = k[k0 + kp*NR + j][c] (zero past nk)
+        int keys = nk - kp * MATMUL_NR < MATMUL_NR ? nk - kp * MATMUL_NR : MATMUL_NR;
+        gemm_pack(kt + kp * panel_floats, MATMUL_NR, k + (size_t)(k0 + kp * MATMUL_NR) * 3 * C, 3 * C, 1, keys, HEAD_SIZE);
+        gemm_pack(vt + kp * panel_floats, MATMUL_NR, v + (size_t)(k0 + kp * MATMUL_NR) * 3 * C, 3 * C, 1, keys, HEAD_SIZE);
+    }
     for (int q0 = k0 / ATT_BQ * ATT_BQ; q0 < T; q0 += ATT_BQ) {  // the queries that see these keys
         int nq = T - q0 < ATT_BQ ? T - q0 : ATT_BQ;
         // p (nq,nk) = exp(q[q0:] @ k[k0:]^T / sqrt(HS) - lse), 0 where masked
-        gemm_serial(p, ATT_BK, 1, q + (size_t)q0 * 3 * C, 3 * C, 1, k + (size_t)k0 * 3 * C, 1, 3 * C,
-                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
+        gemm_serial_panels(p, ATT_BK, 1, q + (size_t)q0 * 3 * C, 3 * C, 1, kt, MATMUL_NR, panel_floats,
+                           nq, nk, HEAD_SIZE, 0, a_pack);
         for (int r = 0; r < nq; r++) {
             float* row = p + (size_t)r * ATT_BK;
             int visible = q0 + r - k0 + 1 < nk ? q0 + r - k0 + 1 : nk;
@@ -728,8 +781,8 @@ static void attention_backward_keys(float* dq, float* dk, float* dv,            
         }
         // dv (nk,HS) += p^T @ dout[q0:];  dp (nq,nk) = dout[q0:] @ v[k0:]^T
         gemm_serial(dv, HEAD_SIZE, 1, p, 1, ATT_BK, dy + (size_t)q0 * C, C, 1, nk, HEAD_SIZE, nq, 1, a_pack, b_pack);
-        gemm_serial(dp, ATT_BK, 1, dy + (size_t)q0 * C, C, 1, v + (size_t)k0 * 3 * C, 1, 3 * C,
-                    nq, nk, HEAD_SIZE, 0, a_pack, b_pack);
+        gemm_serial_panels(dp, ATT_BK, 1, dy + (size_t)q0 * C, C, 1, vt, MATMUL_NR, panel_floats,
+                           nq, nk, HEAD_SIZE, 0, a_pack);
         for (int r = 0; r < nq; r++) {  // ds, in place of p
             float* row = p + (size_t)r * ATT_BK;
             const float* dp_row = dp + (size_t)r * ATT_BK;
@@ -770,6 +823,8 @@ static void attention_backward(float* dqkv,                        // (B,T,3C)
         float* dp = malloc_check((size_t)ATT_BQ * ATT_BK * sizeof(float));
         float* dk = malloc_check((size_t)ATT_BK * HEAD_SIZE * sizeof(float));
         float* dv = malloc_check((size_t)ATT_BK * HEAD_SIZE * sizeof(float));
+        float* kt = malloc_check((size_t)ATT_BK * HEAD_SIZE * sizeof(float)); // the key block's k^T, packed
+        float* vt = malloc_check((size_t)ATT_BK * HEAD_SIZE * sizeof(float)); // and its v^T
         float* a_pack = malloc_check(ATT_PACK_A * sizeof(float));
         float* b_pack = malloc_check(ATT_PACK_B * sizeof(float));
         #pragma omp for collapse(2) schedule(static)
@@ -784,7 +839,7 @@ static void attention_backward(float* dqkv,                        // (B,T,3C)
                     memset(dk, 0, (size_t)ATT_BK * HEAD_SIZE * sizeof(float));
                     memset(dv, 0, (size_t)ATT_BK * HEAD_SIZE * sizeof(float));
                     attention_backward_keys(dq, dk, dv, q, q + C, q + 2 * C, dout + (size_t)b * T * C + h * HEAD_SIZE,
-                                            lse + bh, delta + bh, k0, nk, T, C, p, dp, a_pack, b_pack);
+                                            lse + bh, delta + bh, k0, nk, T, C, p, dp, kt, vt, a_pack, b_pack);
                     for (int j = 0; j < nk; j++) {
                         memcpy(dk_out + (size_t)(k0 + j) * 3 * C, dk + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
                         memcpy(dv_out + (size_t)(k0 + j) * 3 * C, dv + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
@@ -796,6 +851,8 @@ static void attention_backward(float* dqkv,                        // (B,T,3C)
         free(dp);
         free(dk);
         free(dv);
+        free(kt);
+        free(vt);
         free(a_pack);
         free(b_pack);
     }
