@@ -72,7 +72,7 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(mpi_trainer, tiny_t
         out = tmp_path / f"z{zero}"
         runs[zero] = trained(mpirun(mpi_trainer, 2, *data_args(tiny_data), *COMMON, "-b", 2, "-d", total, "-z", zero,
                                     "-n", 20, "-o", out))
-        assert f"MPI: 2 ranks, each trains on B=2 rows of every 4" in runs[zero]
+        assert "MPI: 2 ranks, each trains on B=2 rows of every 4" in runs[zero]
         assert sorted(os.listdir(out)) == ["DONE_00000020", "main.log", "model_00000020.bin", "state_00000020_00000.bin"]
         log = (out / "main.log").read_text().splitlines()
         assert sum("trl:" in line for line in log) == 20  # rank 0 alone logs

@@ -194,7 +194,7 @@ def check_gradients(spec, tokens, targets, seed, dloss=1.0, per_tensor=8, eps=1e
     _, _, cache = ref.forward(spec, p, tokens, targets)
     grads = ref.backward(spec, p, cache, dloss=dloss)
     rng = np.random.default_rng(seed + 100)
-    V, Vp = spec.vocab_size, spec.padded_vocab_size
+    Vp = spec.padded_vocab_size
     T = tokens.shape[1]
     for name, param in p.items():
         assert grads[name].shape == param.shape and grads[name].dtype == param.dtype

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 
 from llmgen import spec as specs
 from llmgen.fileio import model_header, read_model, write_model, write_shard

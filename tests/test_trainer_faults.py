@@ -5,7 +5,6 @@ a crash, a hang, silent garbage or lost data. Found by a fuzzing and fault-injec
 import math
 import os
 import resource
-import shutil
 import signal
 import struct
 import subprocess
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from llmgen import spec as specs
-from llmgen.fileio import write_model, write_shard
+from llmgen.fileio import write_model
 from llmgen.reference import init_params
 from llmgen.tensors import num_params
 
