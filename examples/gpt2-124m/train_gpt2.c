@@ -666,6 +666,17 @@ static void matmul_backward(float* dinp, float* dweight, float* dbias, // (N,IC)
 #define ATT_PACK_B ((size_t)(ATT_MAX_N + MATMUL_NR) * ATT_MAX_K)
 _Static_assert(ATT_BK % MATMUL_NR == 0, "a block of keys is whole panels of the packed k^T and v^T");
 
+// x^T of n rows of one key/value head (HEAD_SIZE channels, rows `stride` floats apart) in the
+// gemm's panels of NR rows, the B operand of q k^T and dout v^T: panel p holds
+// xt[c][j] = x[p*NR + j][c] for c < HS, j < NR (zero past n), HEAD_SIZE * MATMUL_NR floats a panel.
+static void attention_pack_transposed(float* xt,                            // (HS,n) in panels of NR
+                                      const float* x, long stride, int n) { // (n,HS) rows stride apart
+    for (int p = 0; p * MATMUL_NR < n; p++) {
+        int rows = n - p * MATMUL_NR < MATMUL_NR ? n - p * MATMUL_NR : MATMUL_NR;
+        gemm_pack(xt + (size_t)p * HEAD_SIZE * MATMUL_NR, MATMUL_NR, x + (size_t)p * MATMUL_NR * stride, stride, 1, rows, HEAD_SIZE);
+    }
+}
+
 // Forward, one block of ATT_BQ queries of one head at a time (in parallel). With m and l the
 // running maximum and sum of exp(s - m) of a query's row, each block of keys raises m to m' and
 // rescales what was summed so far by exp(m - m') (the online softmax):
@@ -676,19 +687,15 @@ static void attention_forward(float* out, float* lse, // (B,T,C), (B,NH,T)
                               int B, int T, int C, int NH) {
     const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
     const int q_blocks = (T + ATT_BQ - 1) / ATT_BQ;
-    // k^T of every key/value head packed once for all its query blocks, in panels of NR keys:
-    // panel p of head (b,g) holds kt[c][j] = k[p*NR + j][c], c < HS, j < NR (zero past T)
+    // k^T of every key/value head, packed once for all its query blocks
     const int key_panels = (T + MATMUL_NR - 1) / MATMUL_NR;
     const size_t panel_floats = (size_t)HEAD_SIZE * MATMUL_NR;
     float* kt = malloc_check((size_t)B * NH * key_panels * panel_floats * sizeof(float));  // (B,NH,panels,HS,NR)
-    #pragma omp parallel for collapse(3)
+    #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
         for (int g = 0; g < NH; g++) {
-            for (int kp = 0; kp < key_panels; kp++) {
-                const float* k = qkv + ((size_t)b * T + (size_t)kp * MATMUL_NR) * 3 * C + C + g * HEAD_SIZE;
-                int keys = T - kp * MATMUL_NR < MATMUL_NR ? T - kp * MATMUL_NR : MATMUL_NR;
-                gemm_pack(kt + (((size_t)b * NH + g) * key_panels + kp) * panel_floats, MATMUL_NR, k, 3 * C, 1, keys, HEAD_SIZE);
-            }
+            attention_pack_transposed(kt + ((size_t)b * NH + g) * key_panels * panel_floats,
+                                      qkv + (size_t)b * T * 3 * C + C + g * HEAD_SIZE, 3 * C, T);
         }
     }
     #pragma omp parallel
@@ -747,27 +754,23 @@ static void attention_forward(float* out, float* lse, // (B,T,C), (B,NH,T)
 }
 
 // The backward's work on one block of keys [k0, k0+nk) of one head, over every block of
-// queries that sees it (q, dy, dq, lse and delta are the head's; k and v its key/value head's):
+// queries that sees it (q, dy, dq, lse and delta are the head's; k, kt and vt its key/value head's):
 //   p = exp(s - lse)                    (the forward's weights, recomputed)
 //   dv += p^T @ dout                    dp = dout @ v^T
 //   ds = p * (dp - delta) / sqrt(HS)    (the softmax's Jacobian applied to dp; delta[t] is
 //                                        sum over t2 of p[t,t2] dp[t,t2] = dout[t] . out[t])
 //   dq += ds @ k                        dk += ds^T @ q
-// p and dp are (ATT_BQ,ATT_BK) scratch and kt, vt (ATT_BK,HS) scratch for the block's k^T and
-// v^T, packed once for all the query blocks; dk and dv (nk,HS) add up across calls.
-static void attention_backward_keys(float* dq, float* dk, float* dv,                // (T,HS) rows 3C apart, (nk,HS), (nk,HS)
-                                    const float* q, const float* k, const float* v, // (T,HS) rows 3C apart
-                                    const float* dy,                                // (T,HS) rows C apart
-                                    const float* lse, const float* delta,           // (T), (T)
+// kt and vt are the block's k^T and v^T, packed by attention_pack_transposed; p and dp are
+// (ATT_BQ,ATT_BK) scratch; dk and dv (nk,HS) add up across calls.
+static void attention_backward_keys(float* dq, float* dk, float* dv,      // (T,HS) rows 3C apart, (nk,HS), (nk,HS)
+                                    const float* q, const float* k,       // (T,HS) rows 3C apart
+                                    const float* kt, const float* vt,     // (HS,nk) in panels of NR keys
+                                    const float* dy,                      // (T,HS) rows C apart
+                                    const float* lse, const float* delta, // (T), (T)
                                     int k0, int nk, int T, int C,
-                                    float* p, float* dp, float* kt, float* vt, float* a_pack, float* b_pack) {
+                                    float* p, float* dp, float* a_pack, float* b_pack) {
     const float scale = 1.0f / sqrtf((float)HEAD_SIZE);
     const size_t panel_floats = (size_t)HEAD_SIZE * MATMUL_NR;
-    for (int kp = 0; kp * MATMUL_NR < nk; kp++) {  // panel kp: kt[c][j] = k[k0 + kp*NR + j][c] (zero past nk)
-        int keys = nk - kp * MATMUL_NR < MATMUL_NR ? nk - kp * MATMUL_NR : MATMUL_NR;
-        gemm_pack(kt + kp * panel_floats, MATMUL_NR, k + (size_t)(k0 + kp * MATMUL_NR) * 3 * C, 3 * C, 1, keys, HEAD_SIZE);
-        gemm_pack(vt + kp * panel_floats, MATMUL_NR, v + (size_t)(k0 + kp * MATMUL_NR) * 3 * C, 3 * C, 1, keys, HEAD_SIZE);
-    }
     for (int q0 = k0 / ATT_BQ * ATT_BQ; q0 < T; q0 += ATT_BQ) {  // the queries that see these keys
         int nq = T - q0 < ATT_BQ ? T - q0 : ATT_BQ;
         // p (nq,nk) = exp(q[q0:] @ k[k0:]^T / sqrt(HS) - lse), 0 where masked
@@ -838,8 +841,10 @@ static void attention_backward(float* dqkv,                        // (B,T,3C)
                     int nk = T - k0 < ATT_BK ? T - k0 : ATT_BK;
                     memset(dk, 0, (size_t)ATT_BK * HEAD_SIZE * sizeof(float));
                     memset(dv, 0, (size_t)ATT_BK * HEAD_SIZE * sizeof(float));
-                    attention_backward_keys(dq, dk, dv, q, q + C, q + 2 * C, dout + (size_t)b * T * C + h * HEAD_SIZE,
-                                            lse + bh, delta + bh, k0, nk, T, C, p, dp, kt, vt, a_pack, b_pack);
+                    attention_pack_transposed(kt, q + C + (size_t)k0 * 3 * C, 3 * C, nk);
+                    attention_pack_transposed(vt, q + 2 * C + (size_t)k0 * 3 * C, 3 * C, nk);
+                    attention_backward_keys(dq, dk, dv, q, q + C, kt, vt, dout + (size_t)b * T * C + h * HEAD_SIZE,
+                                            lse + bh, delta + bh, k0, nk, T, C, p, dp, a_pack, b_pack);
                     for (int j = 0; j < nk; j++) {
                         memcpy(dk_out + (size_t)(k0 + j) * 3 * C, dk + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
                         memcpy(dv_out + (size_t)(k0 + j) * 3 * C, dv + (size_t)j * HEAD_SIZE, HEAD_SIZE * sizeof(float));
