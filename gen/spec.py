@@ -41,7 +41,7 @@ from .enums import Mlp, Norm, Position
 from .errors import LlmgenError
 
 VOCAB_PAD_MULTIPLE = 128
-CLASSIFIER_BLOCK_BYTES = 64 << 20  # the C trainer's block of logits: 256 rows of GPT-2's vocab
+CLASSIFIER_BLOCK_BYTES = 128 << 20  # the C trainer's block of logits: 640 rows of GPT-2's vocab
 
 # TOML key -> (dataclass field, description); the order is the order of a spec file.
 FIELDS = {

@@ -186,7 +186,7 @@ _C_ACTS = (
     Act("lnf", ("B", "T", "C"), "final layernorm output"),
     Act("lnf_mean", ("B", "T"), "final layernorm mean", grad=False, fp32=True),
     Act("lnf_rstd", ("B", "T"), "final layernorm reciprocal standard deviation", grad=False, fp32=True),
-    Act("logits", ("CR", "Vp"), "classifier logits, CLASSIFIER_ROWS positions at a time; in the backward their "
+    Act("logits", ("CR", "Vp"), "classifier logits, a chunk of at most CLASSIFIER_ROWS positions at a time; in the backward their "
         "gradient", grad=False),
     Act("losses", ("B", "T"), "cross-entropy loss at each position", grad=False, fp32=True),
 )

@@ -21,6 +21,9 @@ CASES = [
     # the same with grouped queries (6 heads on 2 key/value heads) and rotary positions
     ("test-odd", {"layers": 1, "heads": 6, "kv_heads": 2, "position": "rope", "norm": "rmsnorm", "bias": False,
                   "max_seq_len": 160}, 2, 150),
+    # B*T past the classifier's block of logits (a vocab of 65,000 padded to 65,024 gives 512
+    # rows): 519 positions in two chunks, of 260 and 259
+    ("test-odd", {"layers": 1, "heads": 2, "channels": 32, "vocab_size": 65000, "max_seq_len": 520}, 1, 519),
 ]
 
 

@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
         product_gflops("attproj", n, C, C, &rng);
         product_gflops("fc", n, C, 4 * C, &rng);
         product_gflops("fcproj", n, 4 * C, C, &rng);
-        product_gflops("classifier", n < CLASSIFIER_ROWS ? n : CLASSIFIER_ROWS, C, PADDED_VOCAB_SIZE, &rng);
+        product_gflops("classifier", (int)classifier_chunk_rows(n), C, PADDED_VOCAB_SIZE, &rng);
         printf("\n");
     } else if (argc == 3 && strcmp(argv[1], "bandwidth") == 0 && atoi(argv[2]) > 0) {
         printf("bandwidth %.2f\n", bandwidth_gbs((size_t)atoi(argv[2])));

@@ -1119,10 +1119,17 @@ static LayerParams layer_params(const ParameterTensors* all, int l) {
     return v;
 }
 
-// The classifier takes CLASSIFIER_ROWS positions at a time, so that its block of logits
-// (CLASSIFIER_ROWS x Vp floats) stays small however large the batch.
-#define CLASSIFIER_ROWS 320
-static size_t classifier_rows(int B, int T) {
+// The classifier takes at most CLASSIFIER_ROWS positions at a time, so that its block of
+// logits (CLASSIFIER_ROWS x Vp floats) stays small however large the batch. The B*T positions
+// go in as few chunks as that allows, of equal size (1.5 x CLASSIFIER_ROWS positions in two
+// chunks of 0.75 x CLASSIFIER_ROWS, not a full one and a half one): no chunk's products are
+// left with few rows, and wte, which every chunk reads whole, is read as few times as can be.
+#define CLASSIFIER_ROWS 640
+static size_t classifier_chunk_rows(size_t BT) {
+    size_t chunks = (BT + CLASSIFIER_ROWS - 1) / CLASSIFIER_ROWS;
+    return chunks == 0 ? 0 : (BT + chunks - 1) / chunks;
+}
+static size_t classifier_rows(int B, int T) {  // the rows of the logits block
     return (size_t)B * T < CLASSIFIER_ROWS ? (size_t)B * T : CLASSIFIER_ROWS;
 }
 
@@ -1145,7 +1152,7 @@ typedef struct {
     float* lnf;       // (B,T,C) final layernorm output
     float* lnf_mean;  // (B,T) final layernorm mean
     float* lnf_rstd;  // (B,T) final layernorm reciprocal standard deviation
-    float* logits;    // (CR,Vp) classifier logits, CLASSIFIER_ROWS positions at a time; in the backward their gradient
+    float* logits;    // (CR,Vp) classifier logits, a chunk of at most CLASSIFIER_ROWS positions at a time; in the backward their gradient
     float* losses;    // (B,T) cross-entropy loss at each position
 } ActivationTensors;
 
@@ -1333,13 +1340,14 @@ static float mean_loss(const float* losses, size_t BT) {
 }
 
 // The classifier, tied to the token embedding (logits = lnf @ wte^T), and its cross-entropy at
-// each position, CLASSIFIER_ROWS positions at a time through the one logits block, so that
-// the B x T x Vp logits are never held at once.
+// each position, a chunk of at most CLASSIFIER_ROWS positions at a time through the one
+// logits block, so that the B x T x Vp logits are never held at once.
 static void classifier_forward(float* losses, float* logits,       // (B*T), (CLASSIFIER_ROWS,Vp)
                                const float* lnf, const float* wte, // (B*T,C), (Vp,C)
                                const int* targets, size_t BT) {    // (B*T)
-    for (size_t n0 = 0; n0 < BT; n0 += CLASSIFIER_ROWS) {
-        int n = (int)(BT - n0 < CLASSIFIER_ROWS ? BT - n0 : CLASSIFIER_ROWS);
+    const size_t rows = classifier_chunk_rows(BT);
+    for (size_t n0 = 0; n0 < BT; n0 += rows) {
+        int n = (int)(BT - n0 < rows ? BT - n0 : rows);
         matmul_forward(logits, lnf + n0 * CHANNELS, wte, NULL, n, CHANNELS, PADDED_VOCAB_SIZE);
         crossentropy_forward(losses + n0, logits, targets + n0, n, VOCAB_SIZE, PADDED_VOCAB_SIZE);
     }
@@ -1351,8 +1359,9 @@ static void classifier_backward(float* dlnf, float* dwte,           // (B*T,C), 
                                 float* losses, float* logits,       // (B*T), (CLASSIFIER_ROWS,Vp)
                                 const float* lnf, const float* wte, // (B*T,C), (Vp,C)
                                 const int* targets, float dloss, size_t BT) {
-    for (size_t n0 = 0; n0 < BT; n0 += CLASSIFIER_ROWS) {
-        int n = (int)(BT - n0 < CLASSIFIER_ROWS ? BT - n0 : CLASSIFIER_ROWS);
+    const size_t rows = classifier_chunk_rows(BT);
+    for (size_t n0 = 0; n0 < BT; n0 += rows) {
+        int n = (int)(BT - n0 < rows ? BT - n0 : rows);
         const float* lnf_chunk = lnf + n0 * CHANNELS;
         matmul_forward(logits, lnf_chunk, wte, NULL, n, CHANNELS, PADDED_VOCAB_SIZE);
         crossentropy_softmax_backward(logits, losses + n0, targets + n0, dloss, n, VOCAB_SIZE, PADDED_VOCAB_SIZE);
